@@ -60,6 +60,10 @@ class DataConfig(Strict):
 class AugmentConfig(Strict):
     policy: Literal["none", "flip", "standard", "traditional"] = "none"
     """none; flip (horizontal); standard (flip + small affine); traditional (the thesis's combined policy)."""
+    methods: list[str] | None = None
+    """Traditional methods to apply instead of the combined policy's (rotation, flipping, ...)."""
+    p: float = 0.5
+    """Probability of each traditional method."""
 
 
 class MethodConfig(Strict):

@@ -73,6 +73,8 @@ class LabelledSet:
     synthetic: np.ndarray | None = None
     """(N,) bool: images made by a generator (training split only)."""
     source: str = ""
+    skipped: list[dict] = field(default_factory=list)
+    """Unreadable files the loader skipped (``data.max_bad_files``): dicts with file, row, reason."""
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -133,4 +135,5 @@ def concat_sets(sets: list[LabelledSet]) -> LabelledSet:
         mask=cat("mask", lambda s: np.ones(s.targets.shape, np.float32)) if any(s.mask is not None for s in sets) else None,
         synthetic=cat("synthetic", lambda s: np.zeros(len(s), bool)),
         source="+".join(s.source for s in sets),
+        skipped=[item for s in sets for item in s.skipped],
     )

@@ -1,0 +1,76 @@
+"""Benchmark plumbing shared by the scripts under ``benchmarks/`` and ``diffmed benchmark``.
+
+A benchmark is a grid of runs (method x dataset x seed), each an ordinary run folder trained by the
+engine. Finished runs (``metrics.json`` present) are read back, killed ones resumed, missing ones
+started, so rerunning a killed benchmark redoes nothing and gives the same table.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from diffmed.config import RunConfig, load_config
+from diffmed.engine.checkpoint import atomic_write_bytes, atomic_write_json
+from diffmed.engine.run import CONFIG_FILE, train
+
+log = logging.getLogger("diffmed.bench")
+HEADLINE = ("acc", "balanced_acc", "f1_macro", "auc", "kappa")
+HAM10000 = ["data.label_columns=[dx]", "data.group_column=lesion_id", "data.image_size=64"]
+
+
+def dataset_overrides(name: str, data_dir: Path) -> list[str]:
+    """Config overrides for the project's standing datasets (file name or ``ham10000``)."""
+    if name.startswith("ham10000"):
+        return [f"data.source={data_dir / 'ham10000_subset'}", *HAM10000]
+    return [f"data.source={data_dir / (name if name.endswith('.npz') else name + '.npz')}"]
+
+
+def run_or_resume(cfg: RunConfig | list[str], run_dir: Path) -> dict:
+    """Metrics of the run in ``run_dir``: read if finished, resumed if killed, trained otherwise."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.json"
+    if not metrics.is_file():
+        if isinstance(cfg, list):
+            cfg = load_config(None, overrides=cfg)
+        resume = (run_dir / CONFIG_FILE).is_file()
+        log.warning("%s %s", "resuming" if resume else "training", run_dir)
+        os.environ.pop("DIFFMED_RUN_DIR", None)
+        train(cfg, run_dir, resume=resume)
+    return json.loads(metrics.read_text())
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    v = np.asarray(list(values), dtype=float)
+    return float(np.nanmean(v)), float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def summarize(runs: list[dict], metrics: Iterable[str] = HEADLINE) -> dict:
+    """Mean, std over seeds and per-seed 95% CIs of each test metric, plus mean cost."""
+    out: dict = {"n_seeds": len(runs)}
+    for m in metrics:
+        mean, std = mean_std(r["test"][m] for r in runs)
+        out[m] = {"mean": mean, "std": std, "ci": [[r["test_ci"][m]["low"], r["test_ci"][m]["high"]]
+                                                   for r in runs if m in r.get("test_ci", {})]}
+    costs = [r.get("cost", {}) for r in runs]
+    out["cost"] = {k: mean_std(c[k] for c in costs if k in c)[0] for k in costs[0]} if costs else {}
+    return out
+
+
+def fmt(stat: dict) -> str:
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
+
+
+def write_results(out_dir: Path, name: str, results: dict, markdown: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / f"{name}.json", results)
+    atomic_write_bytes(out_dir / f"{name}.md", markdown.encode())

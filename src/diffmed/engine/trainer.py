@@ -1,0 +1,63 @@
+"""The Lightning Trainer built from the config: checkpoints, early stopping, EMA, loggers, precision, DDP."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from diffmed.config import TrainConfig
+from diffmed.engine.checkpoint import AtomicCheckpointIO
+from diffmed.engine.seed import EpochReseed
+
+CKPT_DIR = "checkpoints"
+
+
+def resolve_precision(requested: str) -> str:
+    """``auto``: bf16 mixed precision where the GPU supports it, full precision elsewhere (CPU)."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def _strategy(cfg: TrainConfig):
+    if cfg.strategy in ("ddp", "ddp_spawn") and not torch.cuda.is_available():
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # gloo is the backend that runs on CPU; launch mode follows the requested strategy name
+        return DDPStrategy(process_group_backend="gloo", start_method="spawn" if cfg.strategy == "ddp_spawn" else "popen")
+    return cfg.strategy
+
+
+def build_trainer(cfg: TrainConfig, out_dir: Path, max_epochs: int | None = None, monitor: str | None = None,
+                  mode: str | None = None, ema_decay: float | None = -1.0) -> L.Trainer:
+    """A Trainer writing ``last``/``best`` checkpoints and CSV/TensorBoard logs under ``out_dir``.
+
+    ``best`` is chosen on a validation metric (``monitor``); test data never reaches the Trainer.
+    """
+    monitor, mode = monitor or cfg.monitor, mode or cfg.monitor_mode
+    ema = cfg.ema_decay if ema_decay == -1.0 else ema_decay
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(dirpath=out_dir / CKPT_DIR, filename="best", monitor=monitor, mode=mode, save_top_k=1,
+                        save_last=True, auto_insert_metric_name=False, enable_version_counter=False),
+        EpochReseed(cfg.seed),
+    ]
+    if cfg.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping_patience))
+    if ema:
+        callbacks.append(EMAWeightAveraging(decay=ema))
+    if cfg.progress:
+        callbacks.append(RichProgressBar(leave=False))
+    loggers = [CSVLogger(out_dir, name="logs", version=""), TensorBoardLogger(out_dir, name="logs", version="tb")]
+    return L.Trainer(
+        max_epochs=max_epochs or cfg.max_epochs, accelerator=cfg.accelerator, devices=cfg.devices,
+        num_nodes=cfg.num_nodes, strategy=_strategy(cfg), precision=resolve_precision(cfg.precision),
+        gradient_clip_val=cfg.grad_clip, callbacks=callbacks, logger=loggers,
+        plugins=[AtomicCheckpointIO()], use_distributed_sampler=False, deterministic=cfg.deterministic,
+        enable_progress_bar=cfg.progress, enable_model_summary=False, log_every_n_steps=10,
+        limit_train_batches=cfg.limit_train_batches, num_sanity_val_steps=0,
+    )

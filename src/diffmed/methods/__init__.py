@@ -1,0 +1,6 @@
+"""Registered classifier methods; importing this package registers every built-in method."""
+from diffmed.methods.base import BaseParams, ClassifierMethod, StageContext
+from diffmed.methods.registry import METHODS, create_method, method_params
+from diffmed.methods import baseline  # noqa: F401  (registers "baseline")
+
+__all__ = ["METHODS", "create_method", "method_params", "ClassifierMethod", "BaseParams", "StageContext"]

@@ -1,0 +1,126 @@
+"""The training engine on real data slices: resume after SIGKILL, CPU DDP, safe loading, run folders."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from diffmed.config import load_config
+from diffmed.engine.run import load_trained, train
+from diffmed.errors import RunError
+
+KILL_SCRIPT = """
+import os, signal, sys
+import lightning as L
+import diffmed.engine.run as run
+from diffmed.config import load_config
+
+class KillAfterEpoch(L.Callback):
+    def on_train_epoch_end(self, trainer, module):
+        if trainer.current_epoch == {kill_epoch}:  # its checkpoints are already written
+            os.kill(os.getpid(), signal.SIGKILL)
+
+build = run.build_trainer
+def with_kill(*a, **k):
+    trainer = build(*a, **k)
+    trainer.callbacks.append(KillAfterEpoch())
+    return trainer
+run.build_trainer = with_kill
+run.train(load_config(None, overrides={overrides!r}), {run_dir!r})
+"""
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_pneumonia):
+    overrides = tiny_overrides(tiny_pneumonia, **{"train.max_epochs": 3, "augment.policy": "standard",
+                                                   "method.params.drop_rate": 0.2})
+    straight = train(load_config(None, overrides), tmp_path / "straight")
+
+    killed = tmp_path / "killed"
+    code = KILL_SCRIPT.format(kill_epoch=1, overrides=overrides, run_dir=str(killed))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (killed / "checkpoints" / "last.ckpt").is_file() and not (killed / "metrics.json").exists()
+
+    train(None, killed, resume=True)
+    a, b = _weights(straight), _weights(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    ma, mb = (json.loads((d / "metrics.json").read_text())["test"] for d in (straight, killed))
+    assert ma["auc"] == mb["auc"] and ma["acc"] == mb["acc"]
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp(tmp_path, tiny_pneumonia):
+    run_dir = tmp_path / "ddp"
+    args = [sys.executable, "-m", "diffmed.cli", "train", "--out", str(run_dir), "--devices", "2",
+            "--strategy", "ddp"] + sum((["-s", o] for o in tiny_overrides(tiny_pneumonia, **{
+                "train.accelerator": "cpu", "train.max_epochs": 1})), [])
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    # 96 training images, batch 32: one process takes 3 steps an epoch, each of two ranks takes 2
+    assert ckpt["global_step"] == 2
+    assert json.loads((run_dir / "metrics.json").read_text())["n_test"] == 48
+
+
+def test_new_run_never_overwrites_and_resume_needs_a_run(tmp_path, tiny_pneumonia):
+    cfg = load_config(None, tiny_overrides(tiny_pneumonia, **{"train.max_epochs": 1}))
+    run_dir = train(cfg, tmp_path / "run")
+    with pytest.raises(RunError, match="already holds a run"):
+        train(cfg, run_dir)
+    with pytest.raises(RunError, match="cannot resume"):
+        train(None, tmp_path / "nothing", resume=True)
+    saved = (run_dir / "config.yaml").read_text()
+    assert "max_epochs: 1" in saved and str(tiny_pneumonia) in saved
+
+
+def test_trained_model_loads_from_safetensors_and_predicts_the_same(tmp_path, tiny_pneumonia):
+    run_dir = train(load_config(None, tiny_overrides(tiny_pneumonia, **{"train.max_epochs": 1})), tmp_path / "r")
+    method, meta, _ = load_trained(run_dir)
+    assert meta["channels"] == 1 and meta["image_size"] == 28 and meta["class_names"] == ["normal", "pneumonia"]
+    assert meta["params"]["backbone"] == "resnet18" and meta["temperature"] > 0
+    x = torch.randn(4, 1, 28, 28)
+    again, _, _ = load_trained(run_dir)
+    torch.testing.assert_close(method.predict_logits(x), again.predict_logits(x))
+
+
+def test_checkpoints_refuse_pickled_code(tmp_path):
+    """Resume checkpoints are read with weights_only=True: an object that runs code on load is refused."""
+    from diffmed.engine.checkpoint import AtomicCheckpointIO
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": Evil()}, path)
+    with pytest.raises(Exception, match="[Ww]eights only|weights_only|Unsupported"):
+        AtomicCheckpointIO().load_checkpoint(path)
+
+
+def test_atomic_checkpoint_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    from diffmed.engine import checkpoint
+
+    target = tmp_path / "last.ckpt"
+    checkpoint.AtomicCheckpointIO().save_checkpoint({"a": torch.ones(2)}, target)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.os, "replace", boom)
+    with pytest.raises(OSError):
+        checkpoint.AtomicCheckpointIO().save_checkpoint({"a": torch.zeros(2)}, target)
+    torch.testing.assert_close(torch.load(target, weights_only=True)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
