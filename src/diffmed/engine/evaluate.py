@@ -10,6 +10,7 @@ from diffmed.config import RunConfig
 from diffmed.data.types import LabelledSet, TaskSpec
 from diffmed.engine.checkpoint import atomic_write_bytes, atomic_write_json
 from diffmed.engine.inference import Outputs, collect_outputs
+from diffmed.methods.losses import metric_mask
 from diffmed.evaluation.metrics import (apply_temperature, bootstrap_ci, choose_thresholds, classification_metrics,
                                         fit_temperature)
 
@@ -21,7 +22,7 @@ def _class_logits(logits: np.ndarray, spec: TaskSpec) -> np.ndarray:
 
 
 def _mask(out: Outputs, spec: TaskSpec) -> np.ndarray | None:
-    return out.masks if spec.multilabel else None
+    return metric_mask(out.targets, out.masks) if spec.multilabel else None
 
 
 def calibrated_probs(logits: np.ndarray, spec: TaskSpec, temperature: float) -> np.ndarray:
@@ -33,7 +34,7 @@ def evaluate_split(method, loader, spec: TaskSpec) -> dict:
     out = collect_outputs(method, loader)
     temperature = float(fit_temperature(_class_logits(out.logits, spec), out.targets, spec.task, mask=_mask(out, spec)))
     probs = calibrated_probs(out.logits, spec, temperature)
-    thresholds = choose_thresholds(out.targets, probs, mask=out.masks).tolist() if spec.multilabel else None
+    thresholds = choose_thresholds(out.targets, probs, mask=_mask(out, spec)).tolist() if spec.multilabel else None
     metrics = classification_metrics(spec.task, out.targets, probs, thresholds=thresholds, mask=_mask(out, spec))
     return {"temperature": temperature, "thresholds": thresholds, "metrics": metrics}
 

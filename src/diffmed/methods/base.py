@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from diffmed.config import OptimConfig
 from diffmed.data.types import TaskSpec
-from diffmed.methods.losses import classification_loss, probabilities
+from diffmed.methods.losses import classification_loss, metric_mask, probabilities
 
 
 class BaseParams(BaseModel):
@@ -107,7 +107,7 @@ class ClassifierMethod(L.LightningModule):
         loss = classification_loss(logits, {"target": target, "mask": mask}, self.spec)
         probs = probabilities(logits, self.spec).numpy()
         m = classification_metrics(self.spec.task, target.numpy(), probs,
-                                   mask=mask.numpy() if self.spec.multilabel else None)
+                                   mask=metric_mask(target.numpy(), mask.numpy()) if self.spec.multilabel else None)
         values = {"val/loss": float(loss)}
         values.update({f"val/{k}": float(m[k]) for k in ("acc", "auc", "f1_macro", "balanced_acc") if k in m})
         values = {k: (v if math.isfinite(v) else 0.0) for k, v in values.items()}

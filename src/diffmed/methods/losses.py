@@ -7,6 +7,7 @@ positive probability at test time is then simply sigmoid(logits[:, j]) for every
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +20,11 @@ def probabilities(logits: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
     if spec.multilabel:
         return torch.sigmoid(logits[:, :c])
     return torch.softmax(logits[:, :c], dim=1)
+
+
+def metric_mask(target: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Multi-label entries that count in metrics: unmasked and a hard 0/1 label (not U-MultiClass's 2)."""
+    return ((mask > 0) & ((target == 0) | (target == 1))).astype(np.float32)
 
 
 def focal_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,

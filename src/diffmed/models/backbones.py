@@ -73,10 +73,10 @@ def create_backbone(name: str, in_chans: int, num_classes: int, image_size: int,
             raise ConfigError(f"could not fetch pretrained weights for '{name}' ({err}); pass a local "
                               "weights file as pretrained=PATH or train from scratch (pretrained=false)") from None
         raise
-    if isinstance(pretrained, str):
-        load_weights_file(model, pretrained)
     if small_stem is None:
         small_stem = image_size <= 64 and "vit" not in name and "deit" not in name
     if small_stem:
         _small_stem(model, name, in_chans)
+    if isinstance(pretrained, str):  # after the stem swap, so small-stem checkpoints load whole
+        load_weights_file(model, pretrained)
     return model
