@@ -185,6 +185,14 @@ def quickstart(
     _print_summary(run_train(cfg, run_dir))
 
 
+from diffmed.cli_generate import generate_cmd, train_generator_cmd  # noqa: E402  (needs `friendly`)
+
+generator_app = typer.Typer(help="Train class-conditional diffusion generators.", no_args_is_help=True)
+app.add_typer(generator_app, name="generator")
+generator_app.command("train")(friendly(train_generator_cmd))
+app.command("generate")(friendly(generate_cmd))
+
+
 def main() -> None:  # pragma: no cover
     app(prog_name="diffmed")
 

@@ -26,21 +26,21 @@ CONFIG_FILE = "config.yaml"
 RUN_DIR_ENV = "DIFFMED_RUN_DIR"
 
 
-def _is_ddp_child() -> bool:
+def is_ddp_child() -> bool:
     return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
 
 
-def open_run_dir(run_dir: Path, resume: bool) -> Path:
+def open_run_dir(run_dir: Path, resume: bool, command: str = "diffmed train") -> Path:
     """Create a new run folder (never reusing a finished one) or check a folder to resume."""
-    run_dir = Path(os.environ.get(RUN_DIR_ENV, run_dir)) if _is_ddp_child() else Path(run_dir)
-    if resume or _is_ddp_child():
+    run_dir = Path(os.environ.get(RUN_DIR_ENV, run_dir)) if is_ddp_child() else Path(run_dir)
+    if resume or is_ddp_child():
         if not (run_dir / CONFIG_FILE).is_file():
             raise RunError(f"cannot resume '{run_dir}': it has no {CONFIG_FILE}; start a new run with "
-                           "`diffmed train` instead")
+                           f"`{command}` instead")
         return run_dir
     if (run_dir / CONFIG_FILE).exists():  # a folder with only `data check` output may be trained into
         raise RunError(f"run folder '{run_dir}' already holds a run; choose another --out, or "
-                       f"continue it with `diffmed train --resume {run_dir}`")
+                       f"continue it with `{command} --resume {run_dir}`")
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir.resolve())  # DDP children re-run the command: same folder
     return run_dir
@@ -108,7 +108,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path | None:
     if cfg is not None:
         method_params(cfg.method.name, cfg.method.params)  # fail on a bad method before any work
     run_dir = open_run_dir(run_dir, resume)
-    if resume or _is_ddp_child():
+    if resume or is_ddp_child():
         cfg = load_config(run_dir / CONFIG_FILE)
     else:
         save_config(cfg, run_dir / CONFIG_FILE)

@@ -48,11 +48,11 @@ def _paired_bootstrap_many(task: str, y_true: Any, probs_a: Any, probs_b: Any, m
         samples = bootstrap_samples(task, y_true, probs, metrics, n_boot, seed, thresholds, mask)
         out[key] = {k: (float(point[k]), samples[k]) for k in metrics}
     return {k: {"a": out["a"][k][0], "b": out["b"][k][0],
-                **_diff_summary(out["a"][k][0] - out["b"][k][0], out["a"][k][1] - out["b"][k][1], level)}
+                **diff_summary(out["a"][k][0] - out["b"][k][0], out["a"][k][1] - out["b"][k][1], level)}
             for k in metrics}
 
 
-def _diff_summary(diff: float, samples: np.ndarray, level: float) -> dict[str, float]:
+def diff_summary(diff: float, samples: np.ndarray, level: float) -> dict[str, float]:
     """Point difference, percentile CI and two-sided bootstrap p-value of a difference."""
     low, high, dropped = percentile_interval(samples, level)
     ok = samples[np.isfinite(samples)]
