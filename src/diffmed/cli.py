@@ -142,6 +142,27 @@ def compare(run_a: Path, run_b: Path, n_boot: int = 2000, seed: int = 0) -> None
 
 
 @app.command()
+@friendly
+def benchmark(
+    data: str = typer.Option("pneumoniamnist", help="Dataset: .npz, CSV, image folder or MedMNIST name"),
+    methods: str = typer.Option("all", help="all, or a comma-separated list (see `diffmed methods`)"),
+    seeds: Optional[int] = typer.Option(None, help="Seeds per method (default: the budget's)"),
+    budget: str = typer.Option("quick", help="quick (minutes on CPU) or full (the README protocol)"),
+    out: Optional[Path] = typer.Option(None, help="Benchmark folder (rerun the same command to resume)"),
+    jobs: int = typer.Option(1, help="Runs in parallel processes"),
+    gpus: int = typer.Option(0, help="GPUs to spread parallel runs over (one per process)"),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Compare methods on one dataset: same splits, several seeds, CIs, significance, one report."""
+    from diffmed.benchmark import run_benchmark
+
+    out = out or Path("runs") / f"benchmark-{Path(data).stem}-{budget}"
+    md, html = run_benchmark(data, out, methods, seeds, budget, jobs, gpus, set_ or [])
+    typer.echo(md.read_text().split("## Significance")[0])
+    console.print(f"[bold green]report[/] {html}")
+
+
+@app.command()
 def methods() -> None:
     """List the registered methods."""
     from diffmed.methods import METHODS
@@ -191,6 +212,10 @@ generator_app = typer.Typer(help="Train class-conditional diffusion generators."
 app.add_typer(generator_app, name="generator")
 generator_app.command("train")(friendly(train_generator_cmd))
 app.command("generate")(friendly(generate_cmd))
+
+from diffmed.cli_pretrain import register as _register_pretrain  # noqa: E402
+
+_register_pretrain(app)  # diffmed pretrain, diffmed vae train
 
 
 def main() -> None:  # pragma: no cover

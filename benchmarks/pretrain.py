@@ -1,0 +1,283 @@
+"""Ukita et al. Table 4 analogue on PneumoniaMNIST: diffusion pre-training on unlabelled images, tuning on 10 %.
+
+Protocol: every method that pre-trains sees all PneumoniaMNIST training images *without labels*
+(``diffmed pretrain``, once per seed and pre-training kind); tuning and the from-scratch baselines use a
+seeded, stratified 10 % of the training split with labels (``data.train_fraction=0.1``,
+``data.split_seed=seed``); the best epoch is chosen on validation AUC, probabilities are calibrated by
+the validation temperature, and everything is tested once on the official test split. Rows:
+
+* ResNet-50 and ViT-B from scratch (the engine's ``baseline`` method);
+* SimCLR (NT-Xent pre-training, linear probe);
+* unconditional and representation-conditioned latent DiT, each tuned class-conditionally and read
+  by Diffusion Classifier Zero (Eq. 3-4), and each read by a linear probe (r, or denoiser tokens).
+
+Also written: classifier cost with adaptive pruning vs full evaluation (forward passes, seconds per
+image, accuracy, agreement), the pre-training loss curves (unconditional vs representation-conditioned,
+the paper's Fig. 8) as a PNG, and generation metrics of the pre-trained models (Table 3 analogue, via
+``diffmed.evaluation.generation``). Finished runs are read back, killed ones resumed.
+
+    python benchmarks/pretrain.py --seeds 0 1 2                     # full protocol (GPU advised)
+    python benchmarks/pretrain.py --tiny --seeds 0                  # minutes on 2 CPU cores: checks the plumbing only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from diffmed.bench import fmt, markdown_table, run_or_resume, summarize, write_results
+from diffmed.config import load_config
+from diffmed.diffusion.pretrain import load_pretrained, make_scheduler, pretrain, sample
+from diffmed.engine.data import make_datamodule, prepare_data
+from diffmed.engine.inference import collect_outputs
+from diffmed.engine.run import load_trained
+from diffmed.evaluation.metrics import bootstrap_ci
+from diffmed.methods import simclr  # noqa: F401  (registers "simclr" until methods/__init__ imports it)
+from diffmed.methods.diffusion_classifier import make_plan, timestep_set
+
+log = logging.getLogger("benchmarks.pretrain")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist.npz"
+METRICS = ("acc", "f1_macro", "recall_macro", "precision_macro")
+FULL = {"pretrain_epochs": 100, "simclr_epochs": 100, "tune_epochs": 30, "size": "S", "batch": 128,
+        "bootstrap": 1000, "n_generate": 1000, "feature_epochs": 5, "cost_images": 624}
+TINY = {"pretrain_epochs": 1, "simclr_epochs": 1, "tune_epochs": 1, "size": "tiny", "batch": 64,
+        "bootstrap": 100, "n_generate": 32, "feature_epochs": 1, "cost_images": 32}
+PAPER = {  # Ukita et al. Table 4 (hematoma, CT): ACC, F1, recall, precision
+    "resnet50": (0.7150, 0.4950, 0.8928, 0.3424), "vit_b": (0.8659, 0.5200, 0.4642, 0.5909),
+    "dit_uncond_zero": (0.8882, 0.7058, 0.8571, 0.6000), "dit_rep_zero": (0.9497, 0.8235, 0.7500, 0.9130),
+}
+ROWS = {  # name: (label, pre-training it needs or None, method overrides)
+    "resnet50": ("ResNet-50, scratch", None, ["method.name=baseline", "method.params.backbone=resnet50"]),
+    "vit_b": ("ViT-B, scratch", None, ["method.name=baseline", "method.params.backbone=vit_base_patch16_224"]),
+    "simclr": ("SimCLR + linear probe", "simclr", ["method.name=simclr"]),
+    "dit_uncond_zero": ("Unconditional DiT + Zero", "unconditional", ["method.name=diffusion_classifier"]),
+    "dit_rep_zero": ("Representation DiT + Zero", "representation", ["method.name=diffusion_classifier"]),
+    "dit_uncond_probe": ("Unconditional DiT + linear probe (tokens)", "unconditional", ["method.name=dit_probe"]),
+    "dit_rep_probe": ("Representation DiT + linear probe (r)", "representation", ["method.name=dit_probe"]),
+}
+DIFFUSION_OPTIM = ["optim.optimizer=adamw", "optim.lr=1e-4", "optim.schedule=none"]
+
+
+def tiny_dataset(folder: Path) -> Path:
+    """A 512/128/128 slice of PneumoniaMNIST (kept out of the repository) for the plumbing check."""
+    path = folder / "pneumoniamnist_tiny.npz"
+    if not path.is_file():
+        d = np.load(DATA)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **{f"{s}_{k}": d[f"{s}_{k}"][:n] for s, n in (("train", 512), ("val", 128), ("test", 128))
+                          for k in ("images", "labels")})
+    return path
+
+
+def common(data: Path, seed: int, s: dict) -> list[str]:
+    return [f"data.source={data}", f"train.seed={seed}", f"data.split_seed={seed}", f"train.batch_size={s['batch']}",
+            "train.monitor=val/auc", "train.progress=false", f"eval.bootstrap={s['bootstrap']}"]
+
+
+def dit_params(s: dict) -> list[str]:
+    return [f"method.params.size={s['size']}", f"method.params.pretrain_epochs={s['pretrain_epochs']}"]
+
+
+def pretrained(kind: str, data: Path, seed: int, s: dict, work: Path) -> Path:
+    """The pre-training folder of ``kind`` for ``seed`` (trained once; resumed if killed)."""
+    out = work / "pretrain" / f"{kind}-s{seed}"
+    if kind == "simclr":
+        overrides = ["method.name=simclr", f"method.params.pretrain_epochs={s['simclr_epochs']}"]
+        done = (out / "stages" / "simclr" / "model").is_dir()
+    else:
+        overrides = ["method.name=diffusion_classifier", f"method.params.mode={kind}", *dit_params(s)]
+        done = (out / "stages" / "pretrain" / "model").is_dir()
+    if not done:
+        os.environ.pop("DIFFMED_RUN_DIR", None)
+        cfg = load_config(None, common(data, seed, s) + overrides)
+        pretrain(cfg, out, resume=(out / "config.yaml").is_file())
+    return out
+
+
+def run(name: str, data: Path, seed: int, s: dict, work: Path) -> tuple[dict, Path]:
+    _, kind, method = ROWS[name]
+    overrides = common(data, seed, s) + method + ["data.train_fraction=0.1", f"train.max_epochs={s['tune_epochs']}"]
+    if kind is not None:
+        overrides.append(f"method.params.pretrained_run={pretrained(kind, data, seed, s, work)}")
+    if kind in ("unconditional", "representation"):
+        overrides += [f"method.params.mode={kind}", *dit_params(s)]
+        overrides += DIFFUSION_OPTIM if name.endswith("zero") else []
+    run_dir = work / "runs" / f"{name}-s{seed}"
+    result = run_or_resume(overrides, run_dir)
+    return with_cis(result, run_dir, s["bootstrap"]), run_dir
+
+
+def with_cis(result: dict, run_dir: Path, n_boot: int) -> dict:
+    """Add bootstrap CIs of recall/precision (the engine's CIs cover acc/F1) and positive-class scores."""
+    df = pd.read_csv(run_dir / "predictions.csv")
+    names = result["class_names"]
+    probs = df[[f"prob_{n}" for n in names]].to_numpy()
+    ci = bootstrap_ci(result["task"], df["target"].to_numpy(), probs, metrics=METRICS, n_boot=n_boot,
+                      seed=result["seed"])
+    result["test_ci"] = {**result.get("test_ci", {}), **ci}
+    pc = result["test"]["per_class"]
+    result["positive_class"] = {k: pc[k][1] for k in ("f1", "recall", "precision")}
+    return result
+
+
+@torch.no_grad()
+def classifier_cost(run_dir: Path, n_images: int) -> list[dict]:
+    """Test-set accuracy, DiT passes and seconds per image with adaptive pruning and with full evaluation."""
+    method, meta, cfg = load_trained(run_dir)
+    os.environ.pop("DIFFMED_RUN_DIR", None)
+    data = prepare_data(cfg, run_dir)
+    data.sets["test"] = data.sets["test"].subset(np.arange(min(n_images, len(data.sets["test"]))))
+    loader = make_datamodule(cfg, data).eval_loader("test")
+    p = method.params
+    ts = timestep_set(p.timesteps, p.num_train_timesteps, p.num_timesteps)
+    rows, preds = [], {}
+    for prune in (True, False):
+        method.scorer.plan = make_plan(ts, p.noise_trials, method.spec.num_classes, prune, p.prune_after, p.keep_top)
+        method.scorer.passes, method._images_scored = 0, 0
+        start = time.perf_counter()
+        out = collect_outputs(method, loader)
+        seconds = time.perf_counter() - start
+        preds[prune] = out.logits.argmax(1)
+        rows.append({"pruning": prune, "forward_passes_per_image": method.forward_passes_per_image(),
+                     "seconds_per_image": seconds / len(out.logits), "acc": float((preds[prune] == out.targets).mean()),
+                     "n_images": len(out.logits)})
+    rows[0]["agreement_with_full"] = float((preds[True] == preds[False]).mean())
+    return rows
+
+
+def loss_curves(work: Path, seeds: list[int], path: Path) -> dict:
+    """Fig. 8 analogue: pre-training loss per step, unconditional vs representation-conditioned."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    minima = {}
+    for kind, colour in (("unconditional", "tab:cyan"), ("representation", "tab:blue")):
+        for seed in seeds:
+            csv = work / "pretrain" / f"{kind}-s{seed}" / "stages" / "pretrain" / "logs" / "metrics.csv"
+            if not csv.is_file():
+                continue
+            df = pd.read_csv(csv)
+            steps = df[["step", "train/loss_step"]].dropna() if "train/loss_step" in df else df[["step", "train/loss"]].dropna()
+            ax.plot(steps["step"], steps.iloc[:, 1], color=colour, alpha=0.8, marker="o", ms=2, label=f"{kind} (seed {seed})")
+            minima[f"{kind}-s{seed}"] = float(steps.iloc[:, 1].min())
+    ax.set(xlabel="step", ylabel="||eps - g(z_t, t)||^2", yscale="log", title="Pre-training loss (Eq. 2)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return minima
+
+
+def generation_metrics(work: Path, data: Path, seed: int, s: dict) -> dict:
+    """Table 3 analogue for the pre-trained DiTs: FID/KID/precision/recall in the generation module's features.
+
+    The representation-conditioned DiT generates from r of real training images (as the paper's Fig. 7),
+    so its numbers measure reconstruction from r as much as generation.
+    """
+    from diffmed.evaluation.generation import default_extractor, generation_report
+
+    os.environ.pop("DIFFMED_RUN_DIR", None)
+    cfg = load_config(None, common(data, seed, s))
+    real_set = prepare_data(cfg, work / "pretrain" / f"representation-s{seed}").sets["train"]
+    n = min(s["n_generate"], len(real_set))
+    real = real_set.images[:n]
+    extractor = default_extractor(real_set.images, real_set.targets, ids=real_set.ids, epochs=s["feature_epochs"], seed=seed)
+    out = {}
+    for kind in ("unconditional", "representation"):
+        pre = load_pretrained(work / "pretrain" / f"{kind}-s{seed}")
+        r = None
+        if kind == "representation":
+            x = torch.from_numpy(real.astype(np.float32) / 255.0).permute(0, 3, 1, 2) * 2 - 1
+            with torch.no_grad():
+                r = pre.dit.represent(pre.codec.encode(x))
+        g = torch.Generator().manual_seed(seed)
+        fake = sample(pre.dit, pre.codec, make_scheduler_from(pre), n, real.shape[1], steps=50, generator=g, r=r)
+        fake = ((fake.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        report = generation_report({"all": real}, {"all": fake}, extractor, kid_subset_size=min(1000, n // 2))
+        out[kind] = {"feature_space": report["feature_space"], **report["overall"]}
+    return out
+
+
+def make_scheduler_from(pre):
+    from diffmed.diffusion.pretrain import PretrainParams
+
+    return make_scheduler(PretrainParams(**pre.meta["schedule"]))
+
+
+def table4(results: dict) -> str:
+    rows = []
+    for name, s in results.items():
+        paper = PAPER.get(name)
+        cis = {m: "; ".join(f"[{lo:.3f}, {hi:.3f}]" for lo, hi in s[m]["ci"]) for m in METRICS}
+        rows.append([ROWS[name][0], s["n_seeds"], *(f"{fmt(s[m])} {cis[m]}" for m in METRICS),
+                     f"{s['cost'].get('forward_passes_per_image', float('nan')):.1f}",
+                     f"{s['cost'].get('infer_seconds_per_image', float('nan')) * 1000:.2f}",
+                     " / ".join(f"{v:.3f}" for v in paper) if paper else "-"])
+    return markdown_table(["model", "seeds", "ACC (95% CI per seed)", "F1 macro", "recall macro", "precision macro",
+                           "passes/img", "ms/img", "paper ACC/F1/R/P (hematoma CT)"], rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--tiny", action="store_true", help="tiny data, 1 epoch, tiny DiT: checks that everything runs")
+    ap.add_argument("--no-generation", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pretrain")
+    ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "pretrain")
+    args = ap.parse_args()
+    s = TINY if args.tiny else FULL
+    work = args.work / ("tiny" if args.tiny else "full")
+    out = args.out / "tiny" if args.tiny else args.out
+    data = tiny_dataset(work / "data") if args.tiny else DATA
+
+    results, per_run, run_dirs = {}, {}, {}
+    for name in args.rows:
+        runs = []
+        for seed in args.seeds:
+            result, run_dir = run(name, data, seed, s, work)
+            runs.append(result)
+            run_dirs[(name, seed)] = run_dir
+        results[name] = summarize(runs, METRICS)
+        per_run[name] = {r["seed"]: {"test": {m: r["test"][m] for m in METRICS}, "positive_class": r["positive_class"],
+                                     "temperature": r["temperature"], "cost": r["cost"]} for r in runs}
+    md = f"# Diffusion pre-training on unlabelled PneumoniaMNIST, tuning on 10 % labels{' (TINY plumbing check)' if args.tiny else ''}\n\n"
+    md += table4(results)
+    cost = {name: classifier_cost(run_dirs[(name, args.seeds[0])], s["cost_images"])
+            for name in args.rows if name.endswith("zero")}
+    if cost:
+        md += "\n## Diffusion Classifier Zero: adaptive pruning vs full evaluation (seed %d, test)\n\n" % args.seeds[0]
+        md += markdown_table(["model", "pruning", "passes/img", "ms/img", "ACC", "agreement with full"],
+                             [[ROWS[n][0], r["pruning"], f"{r['forward_passes_per_image']:.1f}",
+                               f"{r['seconds_per_image'] * 1000:.2f}", f"{r['acc']:.3f}",
+                               f"{r.get('agreement_with_full', 1.0):.3f}"] for n, rs in cost.items() for r in rs])
+    minima = loss_curves(work, args.seeds, out / "pretrain_loss.png")
+    md += "\n## Pre-training loss (Fig. 8 analogue)\n\n![loss](pretrain_loss.png)\n\nMinimum loss: " + \
+          ", ".join(f"{k} {v:.2e}" for k, v in minima.items()) + "\n"
+    generation = {}
+    if not args.no_generation and any(k in ("unconditional", "representation") for _, k, _ in (ROWS[n] for n in args.rows)):
+        generation = generation_metrics(work, data, args.seeds[0], s)
+        md += "\n## Generation by the pre-trained DiTs (Table 3 analogue, seed %d)\n\n" % args.seeds[0]
+        md += markdown_table(["pre-training", "feature space", "FID", "KID", "precision", "recall"],
+                             [[k, g["feature_space"], f"{g['fid']:.2f}", f"{g['kid']:.4f}", f"{g['precision']:.3f}",
+                               f"{g['recall']:.3f}"] for k, g in generation.items()])
+    settings = {**s, "seeds": args.seeds, "data": str(data), "train_fraction": 0.1}
+    md += f"\nSettings: `{json.dumps(settings)}`\n"
+    write_results(out, "pretrain", {"settings": settings, "table4": results, "per_run": per_run,
+                                    "classifier_cost": cost, "pretrain_loss_min": minima, "generation": generation}, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    main()
