@@ -1,0 +1,36 @@
+"""``diffmed benchmark``: every method on one dataset, same splits, several seeds, one report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffmed.benchmark.arms import ARMS, BUDGETS, parse_methods, plan_jobs
+from diffmed.benchmark.report import collect, write_benchmark_report
+from diffmed.benchmark.runner import run_jobs
+from diffmed.errors import ConfigError
+
+
+def data_overrides(data: str, extra: list[str]) -> list[str]:
+    """The dataset as config overrides; a HAM10000-style folder gets its label and lesion columns."""
+    from diffmed.bench import HAM10000
+
+    base = [f"data.source={data}"]
+    if Path(data).is_dir() and (Path(data) / "labels.csv").is_file() and "ham10000" in Path(data).name:
+        base += HAM10000
+    return base + list(extra)
+
+
+def run_benchmark(data: str, out: Path, methods: str = "all", seeds: int | None = None, budget: str = "quick",
+                  workers: int = 1, gpus: int = 0, overrides: list[str] = ()) -> tuple[Path, Path]:
+    """Run (or resume) the benchmark and write ``benchmark.json``, ``benchmark.md`` and ``benchmark.html``."""
+    if budget not in BUDGETS:
+        raise ConfigError(f"unknown --budget '{budget}'; choose {', '.join(BUDGETS)}")
+    b = BUDGETS[budget]
+    names = parse_methods(methods)
+    plan = plan_jobs(names, data_overrides(data, overrides), list(range(seeds or b.seeds)), b, Path(out))
+    run_jobs(plan["jobs"], workers=workers, gpus=gpus)
+    result = collect(plan["runs"], n_boot=1000)
+    result["budget"], result["methods_run"] = budget, names
+    return write_benchmark_report(Path(out), plan["runs"], result, {m: ARMS[m].about for m in names})
+
+
+__all__ = ["run_benchmark", "ARMS", "BUDGETS"]

@@ -1,0 +1,139 @@
+"""The methods a benchmark compares ("arms"), the shared stages they need, and the two budgets.
+
+Shared stages are trained once per seed and reused: one class-conditional generator serves D-Cube (its
+frozen feature extractor) and diffusion rebalancing (its synthetic images).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffmed.benchmark.runner import Job
+from diffmed.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Arm:
+    method: str
+    params: dict = field(default_factory=dict)
+    overrides: tuple[str, ...] = ()
+    generator: bool = False
+    """Needs the seed's generator (passed as method.params.generator_run)."""
+    synthetic: bool = False
+    """Trains on real + the seed's class-balancing synthetic images."""
+    about: str = ""
+
+
+ARMS: dict[str, Arm] = {
+    "baseline": Arm("baseline", about="ResNet-18, cross-entropy"),
+    "class_weighted": Arm("baseline", {"class_weighting": True}, about="ResNet-18, inverse-frequency weighted loss"),
+    "traditional_rebalance": Arm("baseline", {"balanced_sampler": True}, ("augment.policy=traditional",),
+                                 about="balanced sampling of traditionally augmented images (thesis's combined policy)"),
+    "diffusion_rebalance": Arm("baseline", synthetic=True,
+                               about="real images + class-conditional DDIM images filling every class to the largest"),
+    "diffmic_v2": Arm("diffmic_v2", about="DiffMIC-v2: label-space diffusion with DCG priors, 10 DDIM steps"),
+    "dcube": Arm("dcube", generator=True, about="D-Cube: KS-selected hyper-features of the frozen L_Gen generator"),
+    "diffusion_classifier": Arm("diffusion_classifier", about="class-conditional DiT, Diffusion Classifier Zero"),
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    seeds: int
+    epochs: dict[str, int]
+    """Classifier epochs per method (key "*" for the rest)."""
+    train_overrides: tuple[str, ...]
+    generator: dict
+    generate_steps: int
+    method_params: dict[str, dict]
+
+
+BUDGETS: dict[str, Budget] = {
+    # quick: the README's main job, about 15 minutes on 2 CPU cores for PneumoniaMNIST
+    "quick": Budget(
+        seeds=1, epochs={"*": 2},
+        train_overrides=("train.limit_train_batches=12", "eval.bootstrap=500"),
+        generator={"size": "tiny", "max_epochs": 2, "sample_every_n_epochs": None},
+        generate_steps=10,
+        method_params={"diffmic_v2": {"dcg_epochs": 1}},
+    ),
+    # full: the protocol behind the README's numbers
+    "full": Budget(
+        seeds=3, epochs={"*": 8, "diffmic_v2": 8, "dcube": 8},
+        train_overrides=("eval.bootstrap=1000",),
+        generator={"size": "small", "max_epochs": 10},
+        generate_steps=50,
+        method_params={"diffmic_v2": {"dcg_epochs": 4}},
+    ),
+}
+
+
+def parse_methods(text: str) -> list[str]:
+    names = list(ARMS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in ARMS]
+    if unknown:
+        raise ConfigError(f"unknown benchmark method(s) {unknown}; choose from all, {', '.join(ARMS)}")
+    if "baseline" not in names:
+        names.insert(0, "baseline")  # every arm is compared against it
+    return names
+
+
+def _generator_job(data: list[str], seed: int, budget: Budget, out: Path) -> Job:
+    return Job(f"generator-s{seed}", train_generator_stage, ([*data, f"train.seed={seed}", "train.progress=false"],
+               out, budget.generator), out, done="generator/model.safetensors")
+
+
+def _synthetic_job(seed: int, budget: Budget, gen: Path, out: Path) -> Job:
+    return Job(f"synthetic-s{seed}", generate_stage, (gen, out, budget.generate_steps, seed), out, done=".complete",
+               after=[f"generator-s{seed}"])
+
+
+def plan_jobs(methods: list[str], data: list[str], seeds: list[int], budget: Budget, root: Path) -> dict[str, list]:
+    """All jobs of a benchmark; returns {"jobs": [...], "runs": {method: [run dirs by seed]}}."""
+    jobs: list[Job] = []
+    runs: dict[str, list[Path]] = {m: [] for m in methods}
+    for seed in seeds:
+        gen, syn = root / "stages" / f"generator-s{seed}", root / "stages" / f"synthetic-s{seed}"
+        arms = [ARMS[m] for m in methods]
+        if any(a.generator or a.synthetic for a in arms):
+            jobs.append(_generator_job(data, seed, budget, gen))
+        if any(a.synthetic for a in arms):
+            jobs.append(_synthetic_job(seed, budget, gen, syn))
+        for name in methods:
+            arm, run_dir = ARMS[name], root / "runs" / f"{name}-s{seed}"
+            epochs = budget.epochs.get(name, budget.epochs["*"])
+            params = {**budget.method_params.get(arm.method, {}), **arm.params}
+            if arm.generator:
+                params["generator_run"] = str(gen)
+            overrides = [*data, f"method.name={arm.method}", f"train.seed={seed}", f"train.max_epochs={epochs}",
+                         "train.progress=false", *budget.train_overrides, *arm.overrides,
+                         *(f"method.params.{k}={v}" for k, v in params.items())]
+            after = [f"generator-s{seed}"] if arm.generator else []
+            if arm.synthetic:
+                overrides.append(f"data.synthetic=[{syn / 'manifest.csv'}]")
+                after = [f"synthetic-s{seed}"]
+            jobs.append(Job(f"{name}-s{seed}", train_arm, (overrides, run_dir), run_dir, after=after))
+            runs[name].append(run_dir)
+    return {"jobs": jobs, "runs": runs}
+
+
+# --- job functions (top level, so worker processes can import them) ---------------------------------
+def train_arm(overrides: list[str], run_dir: Path) -> None:
+    from diffmed.bench import run_or_resume
+
+    run_or_resume(overrides, run_dir)
+
+
+def train_generator_stage(overrides: list[str], run_dir: Path, params: dict) -> None:
+    from diffmed.config import load_config
+    from diffmed.diffusion.generative import train_generator
+
+    resume = (run_dir / "config.yaml").is_file()
+    train_generator(None if resume else load_config(None, overrides), run_dir, params, resume=resume)
+
+
+def generate_stage(generator_run: Path, out: Path, steps: int, seed: int) -> None:
+    from diffmed.diffusion.generate import generate
+
+    generate(generator_run, out, balance_to=1.0, steps=steps, seed=seed)
+    (out / ".complete").write_text("done\n")

@@ -1,0 +1,105 @@
+"""The benchmark's result file and report: one table, significance against the baseline, cost, plots."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from diffmed.bench import mean_std
+from diffmed.benchmark.stats import paired_seed_pooled, seed_pooled_ci
+from diffmed.engine.checkpoint import atomic_write_bytes, atomic_write_json
+from diffmed.evaluation.compare import load_predictions, read_run_json
+from diffmed.report.report import Image, Section, Table, Text, render_html, render_markdown
+
+METRICS = ("acc", "balanced_acc", "f1_macro", "auc", "kappa")
+"""Bootstrapped over test images; calibration (ECE after temperature scaling) is reported as mean ± std."""
+TESTED = ("acc", "balanced_acc", "f1_macro", "auc")
+COST = ("train_seconds", "train_images_per_second", "infer_seconds_per_image", "forward_passes_per_image",
+        "peak_memory_mb")
+RUN_PLOTS = {"roc": "ROC curves", "confusion": "Confusion matrices", "reliability": "Reliability diagrams",
+             "per_class_recall": "Per-class recall"}
+
+
+def collect(runs: dict[str, list[Path]], n_boot: int = 1000) -> dict:
+    """benchmark.json content: per method seed statistics, paired tests against the baseline, cost."""
+    preds = {m: [load_predictions(d) for d in dirs] for m, dirs in runs.items()}
+    metrics = {m: [read_run_json(d / "metrics.json") for d in dirs] for m, dirs in runs.items()}
+    out: dict = {"methods": {}, "seeds": [r["seed"] for r in metrics["baseline"]]}
+    for m in runs:
+        ece = [r["test"]["ece"] for r in metrics[m]]
+        entry = {"metrics": seed_pooled_ci(preds[m], METRICS, n_boot), "ece": mean_std(ece),
+                 "cost": {k: sum(r["cost"].get(k, 0.0) for r in metrics[m]) / len(metrics[m]) for k in COST}}
+        if m != "baseline":
+            entry["vs_baseline"] = paired_seed_pooled(preds[m], preds["baseline"], TESTED, n_boot)
+        out["methods"][m] = entry
+    out["dataset"] = metrics["baseline"][0]["dataset"]
+    out["class_names"] = metrics["baseline"][0]["class_names"]
+    return out
+
+
+def _fmt(s: dict) -> str:
+    return f"{s['mean']:.3f} ± {s['std']:.3f} [{s['low']:.3f}, {s['high']:.3f}]"
+
+
+def _tables(result: dict) -> list[Section]:
+    methods = result["methods"]
+    main = Table(["method", *METRICS, "ece"], [[m, *(_fmt(e["metrics"][k]) for k in METRICS),
+                                                 "{:.3f} ± {:.3f}".format(*e["ece"])] for m, e in methods.items()])
+    sig_rows = [[m, *(f"{e['vs_baseline'][k]['diff']:+.3f} (p={e['vs_baseline'][k]['p_value']:.3g})" for k in TESTED),
+                 ", ".join(f"{p:.3g}" for p in e["vs_baseline"]["mcnemar_p"])]
+                for m, e in methods.items() if "vs_baseline" in e]
+    cost_rows = [[m, *(f"{e['cost'][k]:.4g}" for k in COST)] for m, e in methods.items()]
+    return [
+        Section("results", "Results", [Text(f"Test set of {result['dataset']}; seeds {result['seeds']}. "
+                                            "Each cell: mean ± std over seeds [95% bootstrap CI of the seed mean]."), main]),
+        Section("significance", "Significance against the baseline",
+                [Text("Seed-mean difference to the baseline with paired bootstrap p-value; McNemar p per seed."),
+                 Table(["method", *TESTED, "McNemar p"], sig_rows)]),
+        Section("cost", "Cost", [Table(["method", *COST], cost_rows)]),
+    ]
+
+
+def _copy(src: Path, plots: Path, name: str) -> Path | None:
+    if not src.is_file():
+        return None
+    plots.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copyfile(src, plots / name))
+
+
+def _plot_sections(runs: dict[str, list[Path]], plots: Path) -> list[Section]:
+    sections = []
+    for key, title in RUN_PLOTS.items():
+        blocks = []
+        for m, dirs in runs.items():
+            img = _copy(dirs[0] / "plots" / f"{key}.png", plots, f"{m}_{key}.png")
+            if img:
+                blocks += [Text(f"{m} (seed {dirs[0].name.rsplit('-s', 1)[-1]})"), Image(img, f"{m} {title}")]
+        sections.append(Section(key.replace("_", "-"), title, blocks or [Text("no plots found")]))
+    return sections
+
+
+def _diffusion_section(root: Path, runs: dict[str, list[Path]], plots: Path) -> Section:
+    """The diffusion methods' own pictures, where their runs left them."""
+    blocks = []
+    wanted = [("generated samples per class", sorted((root / "stages").glob("generator-s*/**/samples*.png"))),
+              ("KS p-values per layer (D-Cube)", sorted(p for d in runs.get("dcube", []) for p in d.glob("**/*ks*.png"))),
+              ("DiffMIC-v2 denoising trajectory", sorted(p for d in runs.get("diffmic_v2", []) for p in d.glob("**/*trajectory*.png"))),
+              ("Grad-CAM (baseline)", sorted(p for d in runs.get("baseline", []) for p in d.glob("**/*gradcam*.png")))]
+    for title, found in wanted:
+        if found:
+            img = _copy(found[-1], plots, f"diffusion_{len(blocks)}.png")
+            blocks += [Text(title), Image(img, title)]
+        else:
+            blocks.append(Text(f"{title}: not produced by these runs"))
+    return Section("diffusion", "Diffusion methods", blocks)
+
+
+def write_benchmark_report(root: Path, runs: dict[str, list[Path]], result: dict, about: dict[str, str]) -> tuple[Path, Path]:
+    plots = root / "plots"
+    arms = Section("methods", "Methods", [Table(["method", "what it is"], [[m, about.get(m, "")] for m in runs])])
+    sections = [arms, *_tables(result), *_plot_sections(runs, plots), _diffusion_section(root, runs, plots)]
+    title = f"diffmed benchmark: {Path(result['dataset']).name}"
+    atomic_write_json(root / "benchmark.json", result)
+    md, html = root / "benchmark.md", root / "benchmark.html"
+    atomic_write_bytes(md, render_markdown(title, sections).encode())
+    atomic_write_bytes(html, render_html(title, sections).encode())
+    return md, html
