@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -59,6 +60,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_pneumonia
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     ma, mb = (json.loads((d / "metrics.json").read_text())["test"] for d in (straight, killed))
     assert ma["auc"] == mb["auc"] and ma["acc"] == mb["acc"]
+    logged = pd.read_csv(killed / "logs" / "metrics.csv").dropna(subset=["val/auc"])
+    assert sorted(logged["epoch"].unique()) == [0, 1, 2]  # the log before the kill is kept
 
 
 @pytest.mark.slow

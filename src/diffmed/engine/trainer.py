@@ -1,18 +1,41 @@
 """The Lightning Trainer built from the config: checkpoints, early stopping, EMA, loggers, precision, DDP."""
 from __future__ import annotations
 
+import csv
+
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from diffmed.config import TrainConfig
 from diffmed.engine.checkpoint import AtomicCheckpointIO
 from diffmed.engine.seed import EpochReseed
 
 CKPT_DIR = "checkpoints"
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run must append to it instead."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class ResumableCSVLogger(CSVLogger):
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def resolve_precision(requested: str) -> str:
@@ -52,7 +75,7 @@ def build_trainer(cfg: TrainConfig, out_dir: Path, max_epochs: int | None = None
         callbacks.append(EMAWeightAveraging(decay=ema))
     if cfg.progress:
         callbacks.append(RichProgressBar(leave=False))
-    loggers = [CSVLogger(out_dir, name="logs", version=""), TensorBoardLogger(out_dir, name="logs", version="tb")]
+    loggers = [ResumableCSVLogger(out_dir, name="logs", version=""), TensorBoardLogger(out_dir, name="logs", version="tb")]
     return L.Trainer(
         max_epochs=max_epochs or cfg.max_epochs, accelerator=cfg.accelerator, devices=cfg.devices,
         num_nodes=cfg.num_nodes, strategy=_strategy(cfg), precision=resolve_precision(cfg.precision),
