@@ -1,0 +1,414 @@
+"""Synthetic rebalancing versus traditional augmentation on imbalanced PneumoniaMNIST (thesis Tables 11-15).
+
+Data: ``pneumoniamnist_imbalanced.npz`` (train 388 normal vs 3494 pneumonia, official val/test). The same
+classifier (ResNet-18, 28 px, method ``baseline``, MedMNIST schedule) is trained in every arm, per seed:
+
+  a  none                 real training images only
+  b  weighted             class-weighted loss (method.params.class_weighting=true)
+  c  trad-<strategy>      traditional augmentation (the thesis's combined policy), offline
+  d  diff-<strategy>      images from the class-conditional diffusion model (L_Gen = L_Diff + L_Cont)
+  e  mixed-<strategy>     each planned image traditional or diffusion with probability 0.5 (thesis 4.5)
+
+with strategies unbalanced | balanced | misclassified (``diffmed.augment.strategies``). The misclassified
+strategy uses the arm-a model of the same seed (penultimate features, PCA, distance to the boundary).
+Augmented images are written as PNGs + ``manifest.csv`` and mixed into the training split through
+``data.synthetic`` -- the one path both producers take. One generator is trained per seed and one pool of
+DDIM samples serves every diffusion arm.
+
+Reported: test balanced accuracy, macro-F1, AUC, Cohen's kappa (mean +- sd over seeds, per-seed 95%
+bootstrap CIs); McNemar and paired-bootstrap p-values of every arm against (a) and of (d) against (c);
+a generation table per class (FID/KID/precision/recall in the domain feature space, SSIM/PSNR to the
+nearest real image) for the generator with and without L_Cont, DDIM vs DDPM sampling, and traditional
+augmentation; cost (generator training time, images/s, peak memory).
+
+Resumable: finished runs, generators, sample pools and manifests are reused; killed ones resumed.
+
+    python benchmarks/rebalance.py --seeds 0 1 2 --epochs 20 --generator-epochs 200
+    python benchmarks/rebalance.py --quick --arms a c          # smoke test of the traditional arms
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffmed.augment import (MANIFEST, STRATEGIES, AugmentPlan, ManifestProducer, MixedProducer, TraditionalProducer,
+                             features_from_run, misclassified_candidates, plan_from_sources, plan_strategy,
+                             write_manifest)
+from diffmed.bench import dataset_overrides, fmt, markdown_table, run_or_resume, summarize, write_results
+from diffmed.config import DataConfig, load_config
+from diffmed.data import load_source
+from diffmed.data.types import LabelledSet
+from diffmed.engine.checkpoint import atomic_write_json
+from diffmed.engine.run import CONFIG_FILE, peak_memory_mb
+
+log = logging.getLogger("rebalance")
+DATASET = "pneumoniamnist_imbalanced"
+METRICS = ("balanced_acc", "f1_macro", "auc", "kappa")
+GROUPS = {"a": "no augmentation", "b": "class-weighted loss", "c": "traditional", "d": "diffusion",
+          "e": "traditional + diffusion"}
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    group: str
+    strategy: str | None = None
+    producer: str | None = None
+    overrides: tuple[str, ...] = ()
+
+
+ARMS = {a.name: a for a in [
+    Arm("none", "a"),
+    Arm("weighted", "b", overrides=("method.params.class_weighting=true",)),
+    *(Arm(f"trad-{s}", "c", s, "traditional") for s in STRATEGIES),
+    *(Arm(f"diff-{s}", "d", s, "diffusion") for s in STRATEGIES),
+    *(Arm(f"mixed-{s}", "e", s, "mixed") for s in STRATEGIES),
+]}
+
+
+def parse_args() -> argparse.Namespace:
+    here = Path(__file__).resolve().parent
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=20, help="classifier epochs (MedMNIST schedule shape)")
+    ap.add_argument("--generator-epochs", type=int, default=200)
+    ap.add_argument("--generator-size", default="small", choices=["tiny", "small", "base"])
+    ap.add_argument("--arms", nargs="+", default=["all"], help="arm names or groups a-e (default all)")
+    ap.add_argument("--ddim-steps", type=int, default=50)
+    ap.add_argument("--ddpm-steps", type=int, default=1000)
+    ap.add_argument("--guidance", type=float, default=1.0)
+    ap.add_argument("--eval-per-class", type=int, default=500,
+                    help="generated images per class in the generation table")
+    ap.add_argument("--feature-epochs", type=int, default=5, help="epochs of the domain feature extractor")
+    ap.add_argument("--no-generation-table", action="store_true")
+    ap.add_argument("--limit-train-batches", type=float, default=None)
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--quick", action="store_true",
+                    help="1 seed, 1 epoch, 2 batches per epoch, tiny generator: checks the pipeline, not the method")
+    ap.add_argument("--data-dir", type=Path, default=here.parents[1] / "shared" / "data")
+    ap.add_argument("--out", type=Path, default=here / "results" / "rebalance")
+    ap.add_argument("--work", type=Path, default=here / "work" / "rebalance")
+    args = ap.parse_args()
+    if args.quick:
+        args.seeds, args.epochs, args.generator_epochs, args.generator_size = args.seeds[:1], 1, 1, "tiny"
+        args.limit_train_batches = args.limit_train_batches or 2
+        args.eval_per_class, args.feature_epochs, args.bootstrap = 32, 1, 100
+        args.ddim_steps, args.ddpm_steps = min(args.ddim_steps, 10), min(args.ddpm_steps, 50)
+        args.out = args.out.with_name(args.out.name + "-quick")
+        args.work = args.work.with_name(args.work.name + "-quick")
+    args.arms = select_arms(args.arms)
+    return args
+
+
+def select_arms(names: list[str]) -> list[str]:
+    if "all" in names:
+        return list(ARMS)
+    out = []
+    for n in names:
+        picked = [a.name for a in ARMS.values() if a.group == n] if n in GROUPS else [n]
+        unknown = [p for p in picked if p not in ARMS]
+        if unknown:
+            raise SystemExit(f"unknown arm {unknown}; choose from {', '.join(ARMS)} or groups {', '.join(GROUPS)}")
+        out += [p for p in picked if p not in out]
+    if any(ARMS[a].group != "a" for a in out) and "none" not in out:
+        out.insert(0, "none")  # the reference of every comparison (and the misclassified strategy's model)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- pieces
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.npz = args.data_dir / f"{DATASET}.npz"
+        full = load_source(DataConfig(source=str(self.npz)))
+        self.train = full.subset(full.split == "train")  # the engine's training rows (official split)
+
+    # --- classifier runs ------------------------------------------------------------------------
+    def classifier_overrides(self, seed: int) -> list[str]:
+        a = self.args
+        out = [*dataset_overrides(DATASET, a.data_dir), "method.name=baseline", "method.params.backbone=resnet18",
+               f"train.max_epochs={a.epochs}", f"train.seed={seed}", "train.monitor=val/auc",
+               "train.progress=false", f"eval.bootstrap={a.bootstrap}"]
+        return out + self.limit_override()
+
+    def limit_override(self) -> list[str]:
+        limit = self.args.limit_train_batches
+        if not limit:
+            return []
+        return [f"train.limit_train_batches={int(limit) if limit >= 1 else limit}"]
+
+    def run_dir(self, arm: str, seed: int) -> Path:
+        return self.args.work / "runs" / f"{arm}-s{seed}"
+
+    def run_arm(self, arm: Arm, seed: int) -> dict:
+        overrides = self.classifier_overrides(seed) + list(arm.overrides)
+        if arm.strategy is not None:
+            overrides.append(f"data.synthetic=[{self.augmented_manifest(arm, seed)}]")
+        return run_or_resume(overrides, self.run_dir(arm.name, seed))
+
+    # --- offline augmentation ----------------------------------------------------------------------
+    def candidates(self, seed: int) -> np.ndarray:
+        """Misclassified near-boundary training rows of the arm-a model of this seed (cached)."""
+        path = self.args.work / "aug" / f"candidates-s{seed}.json"
+        if not path.is_file():
+            self.run_arm(ARMS["none"], seed)
+            feats, probs = features_from_run(self.run_dir("none", seed), self.train)
+            picked = misclassified_candidates(feats, probs, self.train.targets)
+            wrong = int(np.sum(probs.argmax(1) != self.train.targets))
+            atomic_write_json(path, {"rows": picked.tolist(), "misclassified": wrong,
+                                     "per_class": np.bincount(self.train.targets[picked],
+                                                              minlength=len(self.train.class_names)).tolist()})
+        return np.asarray(json.loads(path.read_text())["rows"], dtype=np.int64)
+
+    def plan(self, strategy: str, seed: int) -> AugmentPlan:
+        cands = self.candidates(seed) if strategy == "misclassified" else None
+        return plan_strategy(self.train, strategy, seed=seed, candidates=cands)
+
+    def augmented_manifest(self, arm: Arm, seed: int) -> Path:
+        out = self.args.work / "aug" / f"{arm.producer}-{arm.strategy}-s{seed}"
+        if not (out / MANIFEST).is_file():
+            plan = self.plan(arm.strategy, seed)
+            producer = {"traditional": lambda: TraditionalProducer(),
+                        "diffusion": lambda: ManifestProducer(self.pool(seed)),
+                        "mixed": lambda: MixedProducer(TraditionalProducer(), ManifestProducer(self.pool(seed)))}
+            new = producer[arm.producer]()(self.train, plan, seed)
+            write_manifest(new, out)
+        return out / MANIFEST
+
+    # --- generators and samples ----------------------------------------------------------------------
+    def generator(self, seed: int, contrastive: bool = True) -> Path:
+        """Train (or resume, or reuse) the class-conditional generator of this seed; cost in bench_cost.json."""
+        from diffmed.diffusion.generative import GENERATOR_DIR, train_generator
+
+        a = self.args
+        run_dir = a.work / "generators" / f"{'lcont' if contrastive else 'plain'}-s{seed}"
+        if (run_dir / GENERATOR_DIR / "model.json").is_file():
+            return run_dir
+        overrides = [*dataset_overrides(DATASET, a.data_dir), f"train.seed={seed}", "train.progress=false",
+                     f"train.max_epochs={a.generator_epochs}", *self.limit_override()]
+        params = {"use_contrastive": contrastive, "size": a.generator_size, "max_epochs": a.generator_epochs,
+                  "sample_every_n_epochs": None if a.quick else 25}
+        resume = (run_dir / CONFIG_FILE).is_file()
+        _reset_peak()
+        start = time.perf_counter()
+        train_generator(load_config(None, overrides=overrides), run_dir, params, resume=resume)
+        atomic_write_json(run_dir / "bench_cost.json", {"train_seconds": time.perf_counter() - start,
+                                                        "peak_memory_mb": peak_memory_mb(), "resumed": resume,
+                                                        "epochs": a.generator_epochs})
+        return run_dir
+
+    def sample(self, gen_run: Path, name: str, counts: dict[str, int], sampler: str, steps: int, seed: int) -> Path:
+        """Generated images for ``counts`` (reused when complete); speed in bench_cost.json."""
+        from diffmed.diffusion.generate import generate
+
+        out = self.args.work / "generated" / name
+        if not (out / MANIFEST).is_file():
+            _reset_peak()
+            res = generate(gen_run, out, counts=counts, steps=steps, sampler=sampler, guidance=self.args.guidance,
+                           seed=seed, batch_size=256)
+            atomic_write_json(out / "bench_cost.json", {"seconds": res.seconds, "images": res.written,
+                                                        "images_per_second": res.images_per_second,
+                                                        "peak_memory_mb": peak_memory_mb(), "sampler": sampler,
+                                                        "steps": steps, "resumed": res.kept > 0})
+        return out / MANIFEST
+
+    def pool(self, seed: int) -> Path:
+        """One DDIM pool per seed: per class the most any requested diffusion strategy (or the table) needs."""
+        strategies = sorted({ARMS[n].strategy for n in self.args.arms if ARMS[n].group in "de"})
+        need = np.zeros(len(self.train.class_names), int)
+        for s in strategies:
+            need = np.maximum(need, self.plan(s, seed).class_counts(self.train))
+        if not self.args.no_generation_table:
+            need = np.maximum(need, self.args.eval_per_class)
+        counts = {c: int(n) for c, n in zip(self.train.class_names, need) if n > 0}
+        name = f"lcont-ddim{self.args.ddim_steps}-s{seed}-" + "-".join(f"{c}{n}" for c, n in counts.items())
+        return self.sample(self.generator(seed), name, counts, "ddim", self.args.ddim_steps, seed)
+
+    # --- generation quality --------------------------------------------------------------------------
+    def extractor(self, seed: int):
+        from diffmed.evaluation.generation import DomainFeatures, train_domain_feature_extractor
+
+        path = self.args.work / "features" / f"domain-s{seed}.safetensors"
+        if path.is_file():
+            return DomainFeatures.load(path)
+        fx = train_domain_feature_extractor(self.train.images, self.train.targets, self.args.feature_epochs, seed,
+                                            ids=self.train.ids)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fx.save(path)
+        return fx
+
+    def generation_table(self, seed: int) -> dict:
+        """Per class quality of each image source against the real training images of that class."""
+        from diffmed.evaluation.generation import class_features, generation_report
+
+        path = self.args.out / "generation" / f"s{seed}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        a, names = self.args, self.train.class_names
+        n = a.eval_per_class
+        counts = {c: n for c in names}
+        sources = {
+            f"diffusion L_Cont, DDIM {a.ddim_steps}": self.pool(seed),
+            f"diffusion L_Cont, DDPM {a.ddpm_steps}": self.sample(self.generator(seed),
+                                                                   f"lcont-ddpm{a.ddpm_steps}-s{seed}", counts,
+                                                                   "ddpm", a.ddpm_steps, seed),
+            f"diffusion no L_Cont, DDIM {a.ddim_steps}": self.sample(self.generator(seed, contrastive=False),
+                                                                      f"plain-ddim{a.ddim_steps}-s{seed}", counts,
+                                                                      "ddim", a.ddim_steps, seed),
+        }
+        real = {c: self.train.images[self.train.targets == k] for k, c in enumerate(names)}
+        fx, out = self.extractor(seed), {}
+        real_f = class_features(real, fx)
+        for label, manifest in sources.items():
+            pool = ManifestProducer(manifest).pool(self.train)
+            fake = {c: pool.images[pool.targets == k][:n] for k, c in enumerate(names)}
+            out[label] = generation_report(real, fake, fx, seed=seed, real_features=real_f)
+            out[label]["cost"] = _read_cost(manifest.parent)
+        trad = self.traditional_samples(n, seed)
+        out["traditional (combined policy)"] = generation_report(
+            real, {c: trad.images[trad.targets == k] for k, c in enumerate(names)}, fx, seed=seed,
+            real_features=real_f)
+        out["generator_cost"] = {kind: _read_cost(a.work / "generators" / f"{kind}-s{seed}")
+                                 for kind in ("lcont", "plain")}
+        atomic_write_json(path, out)
+        return out
+
+    def traditional_samples(self, per_class: int, seed: int) -> LabelledSet:
+        """``per_class`` traditionally augmented images of each class from randomly drawn real sources."""
+        rng = np.random.default_rng(seed)
+        rows = np.concatenate([rng.choice(np.flatnonzero(self.train.targets == k), per_class)
+                               for k in range(len(self.train.class_names))])
+        return TraditionalProducer()(self.train, plan_from_sources(rows), seed)
+
+
+def _reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _read_cost(folder: Path) -> dict:
+    path = folder / "bench_cost.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# ------------------------------------------------------------------------------------------- report
+def compare(bench: Bench, arm_a: str, arm_b: str, seeds: list[int]) -> dict:
+    from diffmed.evaluation.compare import compare_runs
+
+    out = {}
+    for s in seeds:
+        res = compare_runs(bench.run_dir(arm_a, s), bench.run_dir(arm_b, s), metrics=METRICS, seed=s)
+        res.pop("markdown", None)
+        out[s] = res
+    return out
+
+
+def _synthetic_count(bench: Bench, arm: Arm, seed: int) -> int:
+    if arm.strategy is None:
+        return 0
+    manifest = bench.args.work / "aug" / f"{arm.producer}-{arm.strategy}-s{seed}" / MANIFEST
+    return sum(1 for _ in manifest.open()) - 1
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args()
+    bench = Bench(args)
+    results: dict = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                     "train_counts": dict(zip(bench.train.class_names, bench.train.class_counts().tolist())),
+                     "arms": {}, "comparisons": {}, "generation": {}, "candidates": {}}
+    runs: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        for name in args.arms:
+            runs.setdefault(name, []).append(bench.run_arm(ARMS[name], seed))
+        cand = args.work / "aug" / f"candidates-s{seed}.json"
+        if cand.is_file():
+            results["candidates"][seed] = {k: v for k, v in json.loads(cand.read_text()).items() if k != "rows"}
+        if not args.no_generation_table and any(ARMS[n].group in "de" for n in args.arms):
+            results["generation"][seed] = bench.generation_table(seed)
+
+    rows = []
+    for name, arm_runs in runs.items():
+        arm = ARMS[name]
+        s = summarize(arm_runs, METRICS)
+        s["n_synthetic"] = [_synthetic_count(bench, arm, seed) for seed in args.seeds]
+        s["per_seed"] = {seed: {m: r["test"][m] for m in METRICS} for r, seed in zip(arm_runs, args.seeds)}
+        results["arms"][name] = s
+        ci = lambda m: "; ".join(f"[{lo:.3f}, {hi:.3f}]" for lo, hi in s[m]["ci"])
+        rows.append([name, GROUPS[arm.group], arm.strategy or "-", int(np.mean(s["n_synthetic"])),
+                     *(f"{fmt(s[m])}<br>{ci(m)}" for m in METRICS),
+                     f"{s['cost'].get('train_seconds', float('nan')):.0f}"])
+
+    pairs = [(n, "none") for n in runs if n != "none"]
+    pairs += [(f"diff-{s}", f"trad-{s}") for s in STRATEGIES if f"diff-{s}" in runs and f"trad-{s}" in runs]
+    comp_rows = []
+    for a, b in pairs:
+        res = compare(bench, a, b, args.seeds)
+        results["comparisons"][f"{a} vs {b}"] = res
+        mc = ", ".join(f"{r['mcnemar']['p_value']:.3g}" for r in res.values())
+        boot = lambda m: ", ".join(f"{r['metrics'][m]['diff']:+.3f} (p={r['metrics'][m]['p_value']:.3g})"
+                                   for r in res.values())
+        comp_rows.append([f"{a} vs {b}", mc, boot("balanced_acc"), boot("kappa"), boot("auc")])
+
+    md = [f"# Synthetic rebalancing vs traditional augmentation ({DATASET}, ResNet-18 28 px)\n",
+          f"Train counts {results['train_counts']}; seeds {args.seeds}; classifier epochs {args.epochs}; "
+          f"generator epochs {args.generator_epochs} ({args.generator_size}); "
+          f"limit_train_batches {args.limit_train_batches}.\n",
+          "## Test metrics (mean ± sd over seeds; per-seed 95% bootstrap CIs)\n",
+          markdown_table(["arm", "group", "strategy", "synthetic images", "balanced acc", "macro-F1", "AUC",
+                          "Cohen's kappa", "train s"], rows),
+          "## Paired tests per seed (arm A minus arm B; McNemar p, paired bootstrap difference and p)\n",
+          markdown_table(["A vs B", "McNemar p", "Δ balanced acc", "Δ kappa", "Δ AUC"], comp_rows)]
+    if results["candidates"]:
+        md += ["## Misclassified strategy: selected training images per seed\n",
+               markdown_table(["seed", "misclassified", "selected (near boundary) per class"],
+                              [[s, c["misclassified"], c["per_class"]] for s, c in results["candidates"].items()])]
+    md += generation_markdown(results["generation"], bench.train.class_names)
+    write_results(args.out, "results", results, "\n".join(md))
+    print("\n".join(md))
+
+
+def generation_markdown(generation: dict, class_names: list[str]) -> list[str]:
+    """Generation table (mean over seeds) and the cost table."""
+    if not generation:
+        return []
+    seeds = list(generation)
+    sources = [k for k in generation[seeds[0]] if k != "generator_cost"]
+    spaces = sorted({generation[s][k]["feature_space"] for s in seeds for k in sources})
+    keys = ("fid", "kid", "precision", "recall", "ssim", "psnr")
+    rows, cost_rows = [], []
+    for src in sources:
+        for cls in [*class_names, "overall"]:
+            vals = [generation[s][src]["per_class"].get(cls) if cls != "overall" else generation[s][src]["overall"]
+                    for s in seeds]
+            vals = [v for v in vals if v]
+            if vals:
+                rows.append([src, cls, *(f"{np.mean([v[k] for v in vals]):.4g}" for k in keys)])
+        cost = [generation[s][src].get("cost", {}) for s in seeds]
+        if cost and cost[0]:
+            cost_rows.append([src, f"{np.mean([c['images_per_second'] for c in cost]):.1f}",
+                              f"{np.mean([c['peak_memory_mb'] for c in cost]):.0f}"])
+    for kind, label in (("lcont", "generator training, L_Cont"), ("plain", "generator training, no L_Cont")):
+        cost = [generation[s]["generator_cost"].get(kind, {}) for s in seeds]
+        if cost and cost[0]:
+            cost_rows.append([label, f"{np.mean([c['train_seconds'] for c in cost]):.0f} s",
+                              f"{np.mean([c['peak_memory_mb'] for c in cost]):.0f}"])
+    return ["## Generation quality per class (real training images as reference; mean over seeds)\n",
+            f"Feature spaces: {', '.join(spaces)} (one domain extractor per seed, trained on the real training "
+            "images; FID/KID/precision/recall are comparable within a seed's feature space only).\n",
+            markdown_table(["source", "class", "FID", "KID", "precision", "recall", "SSIM (nearest real)",
+                            "PSNR dB (nearest real)"], rows),
+            "## Cost\n",
+            "Peak memory: CUDA max allocated when on GPU, else the process's peak RSS (monotone over the run).\n",
+            markdown_table(["what", "images/s or seconds", "peak memory MB"], cost_rows)]
+
+
+if __name__ == "__main__":
+    main()
