@@ -42,7 +42,7 @@ def test_train_writes_a_complete_run_folder(trained_pair):
     run = trained_pair[0]
     for name in ("config.yaml", "splits.json", "metrics.json", "predictions.csv", "report.md", "report.html",
                  "model/model.safetensors", "model/model.json", "checkpoints/last.ckpt", "checkpoints/best.ckpt",
-                 "logs/metrics.csv"):
+                 "logs/metrics.csv", "plots/gradcam.png"):
         assert (run / name).is_file(), name
     m = json.loads((run / "metrics.json").read_text())
     assert m["n_test"] == 48 and 0 <= m["test"]["auc"] <= 1

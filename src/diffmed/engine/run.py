@@ -140,7 +140,19 @@ def finalize(cfg: RunConfig, data: PreparedData, method, run_dir: Path, cost: di
     cost = dict(cost or {})
     cost.update(infer_seconds_per_image=test_out.seconds_per_image,
                 forward_passes_per_image=method.forward_passes_per_image())
+    _gradcam(method, dm, data.spec, run_dir)
     return write_test_results(run_dir, cfg, data.spec, data.sets["test"], test_out, val, cost)
+
+
+def _gradcam(method, dm, spec: TaskSpec, run_dir: Path, n: int = 6) -> None:
+    """plots/gradcam.png for single-label CNN methods (skipped for others)."""
+    from diffmed.report.gradcam import plot_gradcam
+
+    if spec.multilabel:
+        return
+    batch = next(iter(dm.eval_loader("test")))
+    images = batch["image"][:n].to(next(method.parameters()).device)
+    plot_gradcam(method, images, batch["target"][:n].tolist(), spec.class_names, run_dir / "plots" / "gradcam.png")
 
 
 def load_trained(run_dir: Path, device: torch.device | None = None):

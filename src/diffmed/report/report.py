@@ -207,6 +207,15 @@ def _configuration(config: str | None) -> Section:
     return Section("configuration", "Configuration", [block])
 
 
+def _gradcam(path: Path) -> Section | None:
+    """Grad-CAM of a few test images, drawn by the engine for CNN methods."""
+    if not path.is_file():
+        return None
+    return Section("gradcam", "Grad-CAM", [Text("Where the network looked for its predicted class "
+                                                "(first test images; the image ids are not shown)."),
+                                           Image(path, "Grad-CAM")])
+
+
 def _uncalibrated(run: RunFiles) -> Any:
     """Test probabilities before temperature scaling (or None when no temperature was fitted)."""
     t, p = run.saved.get("temperature"), run.predictions
@@ -228,6 +237,7 @@ def _sections(run: RunFiles) -> list[Section]:
         _summary(run), _headline(run), _per_class(run, recall), _calibration(run, reliability, ece_before),
         Section("roc", "ROC curves", [Image(roc, "ROC curves")]),
         Section("confusion", "Confusion matrix", [Image(confusion, "Confusion matrix")]),
+        _gradcam(out / "gradcam.png"),
         _training(logs, out / "training_curves.png") if logs.is_file() else None,
         _cost(run.saved["cost"]) if run.saved.get("cost") else None,
         _configuration(run.config),
