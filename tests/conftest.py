@@ -67,3 +67,34 @@ def tiny_overrides(npz: Path, **extra) -> list[str]:
             "eval.bootstrap": 50, "method.params.backbone": "resnet18"}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+KILL_PRELUDE = """
+import os, signal
+import lightning as L
+import diffmed.engine.run as run
+
+class KillAfterEpoch(L.Callback):
+    def __init__(self, out):
+        self.out = str(out)
+    def on_train_epoch_end(self, trainer, module):
+        if trainer.current_epoch == {kill_epoch} and {only!r} in self.out:  # checkpoints already written
+            os.kill(os.getpid(), signal.SIGKILL)
+
+build = run.build_trainer
+def with_kill(cfg, out_dir, *a, **k):
+    trainer = build(cfg, out_dir, *a, **k)
+    trainer.callbacks.append(KillAfterEpoch(out_dir))
+    return trainer
+run.build_trainer = with_kill
+"""
+
+
+def run_killed(body: str, kill_epoch: int, only: str = "") -> "subprocess.CompletedProcess":
+    """Run ``body`` in a fresh Python whose training is SIGKILLed after epoch ``kill_epoch``
+    (only in run folders whose path contains ``only``)."""
+    import subprocess
+    import sys
+
+    code = KILL_PRELUDE.format(kill_epoch=kill_epoch, only=only) + body
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -11,31 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from conftest import run_killed, tiny_overrides
 from diffmed.config import load_config
 from diffmed.engine.run import load_trained, train
 from diffmed.errors import RunError
-
-KILL_SCRIPT = """
-import os, signal, sys
-import lightning as L
-import diffmed.engine.run as run
-from diffmed.config import load_config
-
-class KillAfterEpoch(L.Callback):
-    def on_train_epoch_end(self, trainer, module):
-        if trainer.current_epoch == {kill_epoch}:  # its checkpoints are already written
-            os.kill(os.getpid(), signal.SIGKILL)
-
-build = run.build_trainer
-def with_kill(*a, **k):
-    trainer = build(*a, **k)
-    trainer.callbacks.append(KillAfterEpoch())
-    return trainer
-run.build_trainer = with_kill
-run.train(load_config(None, overrides={overrides!r}), {run_dir!r})
-"""
-
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "model" / "model.safetensors"))
@@ -48,8 +27,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_pneumonia
     straight = train(load_config(None, overrides), tmp_path / "straight")
 
     killed = tmp_path / "killed"
-    code = KILL_SCRIPT.format(kill_epoch=1, overrides=overrides, run_dir=str(killed))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    body = f"from diffmed.config import load_config\nrun.train(load_config(None, overrides={overrides!r}), {str(killed)!r})"
+    proc = run_killed(body, kill_epoch=1)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert (killed / "checkpoints" / "last.ckpt").is_file() and not (killed / "metrics.json").exists()
 

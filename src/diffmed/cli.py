@@ -217,6 +217,10 @@ from diffmed.cli_pretrain import register as _register_pretrain  # noqa: E402
 
 _register_pretrain(app)  # diffmed pretrain, diffmed vae train
 
+from diffmed import cli_dcube  # noqa: E402
+
+cli_dcube.register(app)  # diffmed dcube analyze
+
 
 def main() -> None:  # pragma: no cover
     app(prog_name="diffmed")

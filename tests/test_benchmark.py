@@ -1,0 +1,49 @@
+"""`diffmed benchmark`: a killed benchmark rerun redoes nothing finished and ends with the same table."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_killed
+from diffmed.benchmark import run_benchmark
+from diffmed.benchmark.arms import parse_methods
+from diffmed.errors import ConfigError
+
+SMALL = ["train.batch_size=32", "eval.bootstrap=50"]
+
+
+def _results(root):
+    """Every statistic of the table; cost (wall-clock timings) naturally differs between runs."""
+    methods = json.loads((root / "benchmark.json").read_text())["methods"]
+    return {m: {k: v for k, v in e.items() if k != "cost"} for m, e in methods.items()}
+
+
+@pytest.mark.slow
+def test_killed_benchmark_resumes_to_the_uninterrupted_table(tmp_path, tiny_pneumonia):
+    methods = "baseline,class_weighted"
+    run_benchmark(str(tiny_pneumonia), tmp_path / "straight", methods, overrides=SMALL)
+
+    killed = tmp_path / "killed"
+    body = (f"from diffmed.benchmark import run_benchmark\n"
+            f"run_benchmark({str(tiny_pneumonia)!r}, __import__('pathlib').Path({str(killed)!r}), {methods!r}, "
+            f"overrides={SMALL!r})")
+    proc = run_killed(body, kill_epoch=0, only="class_weighted")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    finished = killed / "runs" / "baseline-s0" / "metrics.json"
+    stamp = finished.stat().st_mtime_ns
+    assert not (killed / "runs" / "class_weighted-s0" / "metrics.json").exists()
+
+    md, html = run_benchmark(str(tiny_pneumonia), killed, methods, overrides=SMALL)
+    assert finished.stat().st_mtime_ns == stamp  # the finished run was not redone
+    assert _results(killed) == _results(tmp_path / "straight")
+    page = html.read_text()
+    for section in ("methods", "results", "significance", "cost", "roc", "confusion", "reliability",
+                    "per-class-recall", "diffusion"):
+        assert f'<section id="{section}">' in page
+
+
+def test_method_list_is_checked_and_always_has_the_baseline():
+    assert parse_methods("class_weighted")[0] == "baseline"
+    with pytest.raises(ConfigError, match="dcube"):
+        parse_methods("dcub")
