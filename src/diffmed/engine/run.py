@@ -79,10 +79,8 @@ def _fit(cfg: RunConfig, data: PreparedData, run_dir: Path, resume: bool):
         return None, None
     best = run_dir / CKPT_DIR / "best.ckpt"
     method.load_state_dict(best_checkpoint_state(best if best.is_file() else last))
-    epochs = max(1, trainer.current_epoch)
     cost = {"train_seconds": seconds, "epochs": trainer.current_epoch,
-            "train_images_per_second": len(data.sets["train"]) * epochs / max(seconds, 1e-9),
-            "peak_memory_mb": peak_memory_mb()}
+            "train_images_per_second": method.images_seen / max(seconds, 1e-9), "peak_memory_mb": peak_memory_mb()}
     return method, cost
 
 

@@ -55,6 +55,8 @@ class ClassifierMethod(L.LightningModule):
         weights = self._class_weights(class_counts) if params.class_weighting and class_counts is not None else None
         self.register_buffer("class_weights", weights, persistent=False)
         self._val_outputs: list[tuple[torch.Tensor, ...]] = []
+        self.images_seen = 0
+        """Training images processed by this process (for throughput; not checkpointed)."""
 
     def _class_weights(self, counts: np.ndarray) -> torch.Tensor:
         counts = np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
@@ -91,6 +93,7 @@ class ClassifierMethod(L.LightningModule):
             raise FloatingPointError(f"training loss became {loss.item()} at step {self.global_step}; "
                                      "lower optim.lr or set train.grad_clip")
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
+        self.images_seen += len(batch["image"])
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -33,7 +33,7 @@ CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:960px;margin:2rem auto;
      padding:0 1rem;color:#222;line-height:1.45}
 h1{font-size:1.6rem} h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
-table{border-collapse:collapse;margin:.8rem 0} th{background:#f4f6f8}
+table{border-collapse:collapse;margin:.8rem 0;display:block;overflow-x:auto} th{background:#f4f6f8}
 th,td{border:1px solid #ddd;padding:.3rem .6rem;text-align:right}
 th:first-child,td:first-child{text-align:left} tr:nth-child(even) td{background:#fafafa}
 img{max-width:100%;height:auto;display:block;margin:.8rem 0}
