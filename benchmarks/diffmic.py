@@ -1,0 +1,175 @@
+"""DiffMIC-v2 against the ResNet-18 baseline, several seeds, and the Table IV ablation (c1-c6 + full).
+
+Every run is an ordinary run folder trained by ``diffmed.engine.run.train`` (the DCG stage included); finished
+runs (``metrics.json`` present) are read back, killed ones resumed. Both methods see the same data, split,
+augmentation, optimiser, batch size and epochs; models are chosen on validation AUC. The tables give the mean
++- std over seeds of the test metrics, each seed's 95% bootstrap CI, paired bootstrap p-values (DiffMIC-v2
+minus baseline, same test images) and the inference cost relative to the baseline.
+
+    python benchmarks/diffmic.py --datasets pneumoniamnist retinamnist ham10000 --seeds 3 --epochs 50
+    python benchmarks/diffmic.py --ablation --seeds 3 --epochs 50          # Table IV on PneumoniaMNIST
+    # smoke check (minutes on CPU):
+    python benchmarks/diffmic.py --datasets pneumoniamnist --seeds 1 --epochs 1 --limit-train-batches 2 \\
+        --set eval.bootstrap=50 --out /tmp/diffmic_smoke --work /tmp/diffmic_smoke/work
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import diffmed.methods.diffmic  # noqa: F401  (registers diffmic_v2)
+from diffmed.bench import dataset_overrides, fmt, markdown_table, run_or_resume, summarize, write_results
+from diffmed.evaluation.compare import compare_runs
+
+METRICS = ("acc", "auc", "f1_macro", "balanced_acc")
+ABLATIONS = ("c1", "c2", "c3", "c4", "c5", "c6", "full")
+TABLE_IV = {  # the paper's PMG2000 rows (Accuracy, F1), for orientation only: a different dataset
+    "c1": (0.879, 0.881), "c2": (0.906, 0.899), "c3": (0.915, 0.910), "c4": (0.917, 0.912),
+    "c5": (0.913, 0.905), "c6": (0.927, 0.925), "full": (0.935, 0.933),
+}
+ROW = {
+    "c1": "no diffusion (raw-image encoder + linear head)", "c2": "vanilla diffusion, raw image embedding",
+    "c3": "c2 + global prior", "c4": "c2 + local prior", "c5": "vanilla diffusion, feature prior F",
+    "c6": "F + dense guidance map M (vanilla)", "full": "F + M + heterologous diffusion",
+}
+
+
+def parse_epochs(values: list[str], datasets: list[str]) -> dict[str, int]:
+    """``--epochs 20`` for every dataset, or ``--epochs pneumoniamnist=20 retinamnist=40``."""
+    if len(values) == 1 and "=" not in values[0]:
+        return {d: int(values[0]) for d in datasets}
+    pairs = dict(v.split("=", 1) for v in values)
+    missing = [d for d in datasets if d not in pairs]
+    if missing:
+        raise SystemExit(f"--epochs gives no value for {missing}")
+    return {d: int(pairs[d]) for d in datasets}
+
+
+def common_overrides(args: argparse.Namespace, dataset: str, epochs: int, seed: int) -> list[str]:
+    extra = [f"train.limit_train_batches={args.limit_train_batches}"] if args.limit_train_batches else []
+    return [*dataset_overrides(dataset, args.data_dir), f"train.max_epochs={epochs}", f"train.seed={seed}",
+            f"train.batch_size={args.batch_size}", f"optim.lr={args.lr}", "optim.schedule=cosine",
+            f"augment.policy={args.augment}", "train.monitor=val/auc", "train.progress=false", *extra, *args.set]
+
+
+def method_overrides(tag: str, args: argparse.Namespace, epochs: int) -> list[str]:
+    """``baseline`` (ResNet-18) or a DiffMIC-v2 ablation row (``full`` is the method itself)."""
+    if tag == "baseline":
+        return ["method.name=baseline", "method.params.backbone=resnet18"]
+    dcg_epochs = args.dcg_epochs or epochs
+    return ["method.name=diffmic_v2", f"method.params.ablation={tag}", f"method.params.dcg_epochs={dcg_epochs}",
+            f"method.params.n_samples={args.n_samples}"]
+
+
+def run(args: argparse.Namespace, dataset: str, tag: str, epochs: int, seed: int) -> tuple[dict, Path]:
+    run_dir = args.work / dataset / f"{tag}-e{epochs}-s{seed}"
+    overrides = common_overrides(args, dataset, epochs, seed) + method_overrides(tag, args, epochs)
+    return run_or_resume(overrides, run_dir), run_dir
+
+
+def cost_ratio(s: dict, base: dict, key: str) -> str:
+    value, ref = s["cost"].get(key), base["cost"].get(key)
+    if value is None or not ref:
+        return "n/a"
+    return f"{value:.3g} ({value / ref:.1f}x)"
+
+
+def per_seed_ci(s: dict, metric: str) -> str:
+    return "; ".join(f"[{lo:.3f}, {hi:.3f}]" for lo, hi in s[metric]["ci"])
+
+
+def paired(dirs_a: list[Path], dirs_b: list[Path], n_boot: int) -> list[dict]:
+    """Paired bootstrap (and McNemar) of A minus B per seed, on the seed's shared test split."""
+    out = []
+    for i, (a, b) in enumerate(zip(dirs_a, dirs_b)):
+        res = compare_runs(a, b, metrics=METRICS, n_boot=n_boot, seed=i)
+        res.pop("markdown")
+        out.append(res)
+    return out
+
+
+def pvalue_cells(comparisons: list[dict]) -> list[str]:
+    return ["; ".join(f"{c['metrics'][m]['diff']:+.3f} (p={c['metrics'][m]['p_value']:.3f})" for c in comparisons)
+            for m in METRICS]
+
+
+def method_rows(name: str, s: dict, base: dict) -> list[str]:
+    return [name, *(fmt(s[m]) for m in METRICS), per_seed_ci(s, "acc"), per_seed_ci(s, "auc"),
+            cost_ratio(s, base, "forward_passes_per_image"), cost_ratio(s, base, "infer_seconds_per_image"),
+            f"{s['cost'].get('train_seconds', float('nan')):.0f}"]
+
+
+HEADER = ["method", "test ACC", "test AUC", "macro-F1", "balanced ACC", "ACC 95% CI per seed",
+          "AUC 95% CI per seed", "forward passes / image (x baseline)", "s / image (x baseline)", "train s"]
+
+
+def compare_main(args: argparse.Namespace, epochs: dict[str, int]) -> tuple[dict, str]:
+    results, md = {}, ["# DiffMIC-v2 vs ResNet-18 baseline\n"]
+    for dataset in args.datasets:
+        dirs: dict[str, list[Path]] = {}
+        summary: dict[str, dict] = {}
+        for tag in ("baseline", "full"):
+            runs = [run(args, dataset, tag, epochs[dataset], seed) for seed in range(args.seeds)]
+            dirs[tag] = [d for _, d in runs]
+            summary[tag] = summarize([m for m, _ in runs], METRICS)
+        comparisons = paired(dirs["full"], dirs["baseline"], args.n_boot)
+        results[dataset] = {"epochs": epochs[dataset], "baseline": summary["baseline"],
+                            "diffmic_v2": summary["full"], "paired_vs_baseline": comparisons}
+        md += [f"## {dataset} ({epochs[dataset]} epochs, {args.seeds} seeds)\n",
+               markdown_table(HEADER, [method_rows("ResNet-18", summary["baseline"], summary["baseline"]),
+                                       method_rows("DiffMIC-v2", summary["full"], summary["baseline"])]),
+               "Paired bootstrap, DiffMIC-v2 minus baseline, per seed:\n",
+               markdown_table(list(METRICS), [pvalue_cells(comparisons)])]
+    return results, "\n".join(md)
+
+
+def ablation(args: argparse.Namespace, epochs: dict[str, int]) -> tuple[dict, str]:
+    dataset = args.datasets[0]
+    dirs, summary = {}, {}
+    for tag in ABLATIONS:
+        runs = [run(args, dataset, tag, epochs[dataset], seed) for seed in range(args.seeds)]
+        dirs[tag], summary[tag] = [d for _, d in runs], summarize([m for m, _ in runs], METRICS)
+    versus_full = {tag: paired(dirs[tag], dirs["full"], args.n_boot) for tag in ABLATIONS if tag != "full"}
+    rows = []
+    for tag in ABLATIONS:
+        p = pvalue_cells(versus_full[tag]) if tag in versus_full else ["—"] * len(METRICS)
+        paper = "{:.3f} / {:.3f}".format(*TABLE_IV[tag])
+        rows.append([tag, ROW[tag], fmt(summary[tag]["acc"]), fmt(summary[tag]["f1_macro"]),
+                     fmt(summary[tag]["auc"]), p[0], p[2], cost_ratio(summary[tag], summary["c1"],
+                                                                      "forward_passes_per_image"), paper])
+    md = (f"# DiffMIC-v2 ablation (Table IV rows) on {dataset}, {epochs[dataset]} epochs, {args.seeds} seeds\n\n"
+          + markdown_table(["row", "graph", "test ACC", "macro-F1", "test AUC", "ACC minus full (p) per seed",
+                            "F1 minus full (p) per seed", "forward passes (x c1)", "paper PMG2000 ACC / F1"], rows))
+    return {"dataset": dataset, "epochs": epochs[dataset], "rows": summary, "paired_vs_full": versus_full}, md
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "retinamnist", "ham10000"])
+    ap.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. N-1)")
+    ap.add_argument("--epochs", nargs="+", default=["50"], help="N, or dataset=N pairs")
+    ap.add_argument("--dcg-epochs", type=int, default=None, help="DCG stage epochs (default: --epochs)")
+    ap.add_argument("--n-samples", type=int, default=1, help="DiffMIC-v2 reverse chains per image")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--augment", default="standard", help="augment.policy for every run")
+    ap.add_argument("--limit-train-batches", type=int, default=None, help="for smoke checks only")
+    ap.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples")
+    ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
+    ap.add_argument("--ablation", action="store_true", help="Table IV rows c1-c6 + full on the first dataset "
+                                                            "(default pneumoniamnist)")
+    ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "diffmic")
+    ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "diffmic")
+    args = ap.parse_args()
+    if args.ablation and args.datasets == ap.get_default("datasets"):
+        args.datasets = ["pneumoniamnist"]
+    epochs = parse_epochs(args.epochs, args.datasets)
+    results, md = ablation(args, epochs) if args.ablation else compare_main(args, epochs)
+    results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    write_results(args.out, "ablation" if args.ablation else "results", results, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
