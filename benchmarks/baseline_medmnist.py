@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffmed.bench import dataset_overrides, fmt, markdown_table, run_or_resume, summarize, write_results
+from diffmed.bench import (dataset_overrides, fmt, markdown_table, per_seed_ci, run_or_resume, summarize,
+                           write_results)
 
 PAPER = {  # MedMNIST v2, Table 3, ResNet-18 (28): (ACC, AUC)
     "pneumoniamnist": (0.854, 0.944),
@@ -44,8 +45,8 @@ def main() -> None:
         s["per_seed"] = {r["seed"]: {m: r["test"][m] for m in ("acc", "auc")} for r in runs}
         results[name] = s
         paper_acc, paper_auc = PAPER.get(name, (float("nan"), float("nan")))
-        ci = lambda m: "; ".join(f"[{lo:.3f}, {hi:.3f}]" for lo, hi in s[m]["ci"])
-        rows.append([name, epochs[name], len(runs), fmt(s["acc"]), ci("acc"), fmt(s["auc"]), ci("auc"),
+        rows.append([name, epochs[name], len(runs), fmt(s["acc"]), per_seed_ci(s, "acc"), fmt(s["auc"]),
+                     per_seed_ci(s, "auc"),
                      f"{paper_acc:.3f} / {paper_auc:.3f}", f"{s['cost']['train_images_per_second']:.0f}",
                      f"{s['cost']['peak_memory_mb']:.0f}"])
     md = "# ResNet-18 (28 px) baseline, MedMNIST protocol\n\n" + markdown_table(

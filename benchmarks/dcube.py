@@ -30,12 +30,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import diffmed.methods.dcube  # noqa: F401  (registers dcube)
-from diffmed.bench import dataset_overrides, fmt, markdown_table, run_or_resume, summarize, write_results
+from diffmed.bench import (cost_ratio, dataset_overrides, fmt, markdown_table, paired, per_seed_ci, pvalue_cells,
+                           run_or_resume, summarize, write_results)
 from diffmed.config import load_config
 from diffmed.diffusion.generative import GENERATOR_DIR, train_generator
 from diffmed.engine.checkpoint import atomic_write_json
-from diffmed.evaluation.compare import compare_runs
 from diffmed.methods.dcube import TABLE_IV, TABLE_VI, TABLE_VII, read_selection
 
 log = logging.getLogger("benchmarks.dcube")
@@ -142,14 +141,6 @@ def arm_results(args: argparse.Namespace, dataset: str, arm: str) -> dict:
     return {"summary": summarize([m for m, _ in runs], METRICS), "dirs": [d for _, d in runs]}
 
 
-def paired(dirs_a: list[Path], dirs_b: list[Path], n_boot: int) -> list[dict]:
-    """Paired bootstrap (and McNemar) of A minus B per seed, on the seed's shared test split."""
-    out = []
-    for i, (a, b) in enumerate(zip(dirs_a, dirs_b)):
-        res = compare_runs(a, b, metrics=METRICS, n_boot=n_boot, seed=i)
-        res.pop("markdown")
-        out.append(res)
-    return out
 
 
 def selections(dirs: list[Path]) -> list[dict]:
@@ -165,20 +156,10 @@ def selections(dirs: list[Path]) -> list[dict]:
 # ------------------------------------------------------------------ tables
 
 
-def cost_ratio(s: dict, base: dict, key: str) -> str:
-    value, ref = s["cost"].get(key), base["cost"].get(key)
-    if value is None or not ref:
-        return "n/a"
-    return f"{value:.3g} ({value / ref:.1f}x)"
 
 
-def per_seed_ci(s: dict, metric: str) -> str:
-    return "; ".join(f"[{lo:.3f}, {hi:.3f}]" for lo, hi in s[metric]["ci"])
 
 
-def pvalue_cells(comparisons: list[dict]) -> list[str]:
-    return ["; ".join(f"{c['metrics'][m]['diff']:+.3f} (p={c['metrics'][m]['p_value']:.3f})" for c in comparisons)
-            for m in METRICS]
 
 
 MAIN_HEADER = ["method", "test ACC", "balanced ACC", "macro-F1", "test AUC", "ACC 95% CI per seed",
@@ -210,9 +191,9 @@ def compare_dataset(args: argparse.Namespace, dataset: str) -> tuple[dict, str]:
     base = res["baseline"]["summary"]
     gen_s = [generator_seconds(args.work / dataset / f"generator-lgen-s{s}") for s in range(args.seeds)]
     gen_mean = sum(g for g in gen_s if g) / max(1, sum(1 for g in gen_s if g))
-    versus_base = {arm: paired(res[arm]["dirs"], res["baseline"]["dirs"], args.n_boot)
+    versus_base = {arm: paired(res[arm]["dirs"], res["baseline"]["dirs"], METRICS, args.n_boot)
                    for arm in arms if arm != "baseline"}
-    best_vs_worst = paired(res["dcube"]["dirs"], res["dcube_worst"]["dirs"], args.n_boot)
+    best_vs_worst = paired(res["dcube"]["dirs"], res["dcube_worst"]["dirs"], METRICS, args.n_boot)
     names = {"baseline": "ResNet-18", "dcube": "D-Cube", "diffmic_v2": "DiffMIC-v2"}
     rows = [main_row(names[a], res[a]["summary"], base, gen_mean if a == "dcube" else 0.0)
             for a in ("baseline", "diffmic_v2", "dcube") if a in res]
@@ -227,12 +208,12 @@ def compare_dataset(args: argparse.Namespace, dataset: str) -> tuple[dict, str]:
           markdown_table(MAIN_HEADER, rows),
           f"D-Cube train s includes its generator ({gen_mean:.0f} s mean, shared by all D-Cube arms).\n",
           "Paired bootstrap against ResNet-18, per seed (diff, p):\n",
-          markdown_table(["method", *METRICS], [[names.get(a, a), *pvalue_cells(c)] for a, c in versus_base.items()
+          markdown_table(["method", *METRICS], [[names.get(a, a), *pvalue_cells(c, METRICS)] for a, c in versus_base.items()
                                                 if a in names]),
           f"### Fig. 2 on {dataset}\n", fig_md,
           f"### Table VI on {dataset}: best vs worst KS selection\n",
           markdown_table(["selection", "test ACC", "macro-F1", "test AUC", "layers per seed"], t6_rows),
-          "Best minus worst, per seed (diff, p):\n", markdown_table(list(METRICS), [pvalue_cells(best_vs_worst)])]
+          "Best minus worst, per seed (diff, p):\n", markdown_table(list(METRICS), [pvalue_cells(best_vs_worst, METRICS)])]
     out = {"summaries": {a: r["summary"] for a, r in res.items()}, "paired_vs_baseline": versus_base,
            "best_vs_worst": best_vs_worst, "selections": {"best": sel_best, "worst": sel_worst},
            "generator_train_seconds": gen_s, "fig2": fig_data}
@@ -243,14 +224,14 @@ def ablations(args: argparse.Namespace, dataset: str) -> tuple[dict, str]:
     """Table IV (cumulative components) and Table VII (input) on ``dataset``."""
     needed = {arm for _, arm in TABLE_IV_ROWS + TABLE_VII_ROWS}
     res = {arm: arm_results(args, dataset, arm) for arm in sorted(needed)}
-    versus_full = {arm: paired(res[arm]["dirs"], res["dcube"]["dirs"], args.n_boot) for arm in needed if arm != "dcube"}
+    versus_full = {arm: paired(res[arm]["dirs"], res["dcube"]["dirs"], METRICS, args.n_boot) for arm in needed if arm != "dcube"}
     full = res["dcube"]["summary"]
 
     def rows(table, paper=None):
         out = []
         for name, arm in table:
             s = res[arm]["summary"]
-            p = pvalue_cells(versus_full[arm]) if arm in versus_full else ["—"] * len(METRICS)
+            p = pvalue_cells(versus_full[arm], METRICS) if arm in versus_full else ["—"] * len(METRICS)
             row = [name, *(fmt(s[m]) for m in METRICS), p[0], p[3], cost_ratio(s, full, "infer_seconds_per_image")]
             out.append(row + (["{:.2f} / {:.2f}".format(*paper[arm])] if paper else []))
         return out
@@ -288,8 +269,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dcube")
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "dcube")
     args = ap.parse_args()
-    if not args.skip_diffmic:
-        import diffmed.methods.diffmic  # noqa: F401  (registers diffmic_v2)
     results: dict = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     md = ["# D-Cube vs ResNet-18 and DiffMIC-v2\n"]
     if not args.ablation_only:

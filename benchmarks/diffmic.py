@@ -17,9 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import diffmed.methods.diffmic  # noqa: F401  (registers diffmic_v2)
-from diffmed.bench import dataset_overrides, fmt, markdown_table, run_or_resume, summarize, write_results
-from diffmed.evaluation.compare import compare_runs
+from diffmed.bench import (cost_ratio, dataset_overrides, fmt, markdown_table, paired, per_seed_ci, pvalue_cells,
+                           run_or_resume, summarize, write_results)
 
 METRICS = ("acc", "auc", "f1_macro", "balanced_acc")
 ABLATIONS = ("c1", "c2", "c3", "c4", "c5", "c6", "full")
@@ -67,30 +66,12 @@ def run(args: argparse.Namespace, dataset: str, tag: str, epochs: int, seed: int
     return run_or_resume(overrides, run_dir), run_dir
 
 
-def cost_ratio(s: dict, base: dict, key: str) -> str:
-    value, ref = s["cost"].get(key), base["cost"].get(key)
-    if value is None or not ref:
-        return "n/a"
-    return f"{value:.3g} ({value / ref:.1f}x)"
 
 
-def per_seed_ci(s: dict, metric: str) -> str:
-    return "; ".join(f"[{lo:.3f}, {hi:.3f}]" for lo, hi in s[metric]["ci"])
 
 
-def paired(dirs_a: list[Path], dirs_b: list[Path], n_boot: int) -> list[dict]:
-    """Paired bootstrap (and McNemar) of A minus B per seed, on the seed's shared test split."""
-    out = []
-    for i, (a, b) in enumerate(zip(dirs_a, dirs_b)):
-        res = compare_runs(a, b, metrics=METRICS, n_boot=n_boot, seed=i)
-        res.pop("markdown")
-        out.append(res)
-    return out
 
 
-def pvalue_cells(comparisons: list[dict]) -> list[str]:
-    return ["; ".join(f"{c['metrics'][m]['diff']:+.3f} (p={c['metrics'][m]['p_value']:.3f})" for c in comparisons)
-            for m in METRICS]
 
 
 def method_rows(name: str, s: dict, base: dict) -> list[str]:
@@ -112,14 +93,14 @@ def compare_main(args: argparse.Namespace, epochs: dict[str, int]) -> tuple[dict
             runs = [run(args, dataset, tag, epochs[dataset], seed) for seed in range(args.seeds)]
             dirs[tag] = [d for _, d in runs]
             summary[tag] = summarize([m for m, _ in runs], METRICS)
-        comparisons = paired(dirs["full"], dirs["baseline"], args.n_boot)
+        comparisons = paired(dirs["full"], dirs["baseline"], METRICS, args.n_boot)
         results[dataset] = {"epochs": epochs[dataset], "baseline": summary["baseline"],
                             "diffmic_v2": summary["full"], "paired_vs_baseline": comparisons}
         md += [f"## {dataset} ({epochs[dataset]} epochs, {args.seeds} seeds)\n",
                markdown_table(HEADER, [method_rows("ResNet-18", summary["baseline"], summary["baseline"]),
                                        method_rows("DiffMIC-v2", summary["full"], summary["baseline"])]),
                "Paired bootstrap, DiffMIC-v2 minus baseline, per seed:\n",
-               markdown_table(list(METRICS), [pvalue_cells(comparisons)])]
+               markdown_table(list(METRICS), [pvalue_cells(comparisons, METRICS)])]
     return results, "\n".join(md)
 
 
@@ -129,10 +110,10 @@ def ablation(args: argparse.Namespace, epochs: dict[str, int]) -> tuple[dict, st
     for tag in ABLATIONS:
         runs = [run(args, dataset, tag, epochs[dataset], seed) for seed in range(args.seeds)]
         dirs[tag], summary[tag] = [d for _, d in runs], summarize([m for m, _ in runs], METRICS)
-    versus_full = {tag: paired(dirs[tag], dirs["full"], args.n_boot) for tag in ABLATIONS if tag != "full"}
+    versus_full = {tag: paired(dirs[tag], dirs["full"], METRICS, args.n_boot) for tag in ABLATIONS if tag != "full"}
     rows = []
     for tag in ABLATIONS:
-        p = pvalue_cells(versus_full[tag]) if tag in versus_full else ["—"] * len(METRICS)
+        p = pvalue_cells(versus_full[tag], METRICS) if tag in versus_full else ["—"] * len(METRICS)
         paper = "{:.3f} / {:.3f}".format(*TABLE_IV[tag])
         rows.append([tag, ROW[tag], fmt(summary[tag]["acc"]), fmt(summary[tag]["f1_macro"]),
                      fmt(summary[tag]["auc"]), p[0], p[2], cost_ratio(summary[tag], summary["c1"],

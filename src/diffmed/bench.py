@@ -74,3 +74,34 @@ def write_results(out_dir: Path, name: str, results: dict, markdown: str) -> Non
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / f"{name}.json", results)
     atomic_write_bytes(out_dir / f"{name}.md", markdown.encode())
+
+
+def per_seed_ci(s: dict, metric: str) -> str:
+    """The per-seed bootstrap CIs of a ``summarize`` entry, as text."""
+    return "; ".join(f"[{lo:.3f}, {hi:.3f}]" for lo, hi in s[metric]["ci"])
+
+
+def cost_ratio(s: dict, base: dict, key: str) -> str:
+    """A cost of ``s`` and its ratio to the baseline's."""
+    value, ref = s["cost"].get(key), base["cost"].get(key)
+    if value is None or not ref:
+        return "n/a"
+    return f"{value:.3g} ({value / ref:.1f}x)"
+
+
+def paired(dirs_a: list[Path], dirs_b: list[Path], metrics: Iterable[str], n_boot: int) -> list[dict]:
+    """Paired bootstrap (and McNemar) of A minus B per seed, on the seed's shared test split."""
+    from diffmed.evaluation.compare import compare_runs
+
+    out = []
+    for i, (a, b) in enumerate(zip(dirs_a, dirs_b)):
+        res = compare_runs(a, b, metrics=tuple(metrics), n_boot=n_boot, seed=i)
+        res.pop("markdown")
+        out.append(res)
+    return out
+
+
+def pvalue_cells(comparisons: list[dict], metrics: Iterable[str]) -> list[str]:
+    """Per metric: each seed's difference and p-value."""
+    return ["; ".join(f"{c['metrics'][m]['diff']:+.3f} (p={c['metrics'][m]['p_value']:.3f})" for c in comparisons)
+            for m in metrics]

@@ -11,7 +11,7 @@ import torch
 
 from diffmed.config import RunConfig, load_config, save_config
 from diffmed.data.types import TaskSpec
-from diffmed.engine.checkpoint import (atomic_write_json, best_checkpoint_state, export_model, load_state,
+from diffmed.engine.checkpoint import (best_checkpoint_state, export_model, load_state,
                                        read_model_meta)
 from diffmed.engine.data import PreparedData, make_datamodule, prepare_data
 from diffmed.engine.evaluate import evaluate_split, write_test_results
