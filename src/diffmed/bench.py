@@ -105,3 +105,11 @@ def pvalue_cells(comparisons: list[dict], metrics: Iterable[str]) -> list[str]:
     """Per metric: each seed's difference and p-value."""
     return ["; ".join(f"{c['metrics'][m]['diff']:+.3f} (p={c['metrics'][m]['p_value']:.3f})" for c in comparisons)
             for m in metrics]
+
+
+def save_configs(run_dirs: Iterable[Path], out_dir: Path) -> None:
+    """Keep each run's resolved config beside the results (the run folders themselves are not committed)."""
+    dest = out_dir / "configs"
+    dest.mkdir(parents=True, exist_ok=True)
+    for run_dir in map(Path, run_dirs):
+        atomic_write_bytes(dest / f"{run_dir.name}.yaml", (run_dir / CONFIG_FILE).read_bytes())

@@ -45,6 +45,8 @@ class Budget:
     train_overrides: tuple[str, ...]
     generator: dict
     generate_steps: int
+    balance_to: float
+    """Synthetic images fill every class up to this share of the largest class."""
     method_params: dict[str, dict]
 
 
@@ -54,16 +56,17 @@ BUDGETS: dict[str, Budget] = {
         seeds=1, epochs={"*": 2},
         train_overrides=("train.limit_train_batches=12", "eval.bootstrap=500"),
         generator={"size": "tiny", "max_epochs": 2, "sample_every_n_epochs": None},
-        generate_steps=10,
-        method_params={"diffmic_v2": {"dcg_epochs": 1}},
+        generate_steps=10, balance_to=0.45,
+        method_params={"diffmic_v2": {"dcg_epochs": 1}, "dcube": {"ks_images": 64},
+                       "diffusion_classifier": {"pretrain_epochs": 1, "timesteps": "strided", "num_timesteps": 4}},
     ),
     # full: the protocol behind the README's numbers
     "full": Budget(
         seeds=3, epochs={"*": 8, "diffmic_v2": 8, "dcube": 8},
         train_overrides=("eval.bootstrap=1000",),
         generator={"size": "small", "max_epochs": 10},
-        generate_steps=50,
-        method_params={"diffmic_v2": {"dcg_epochs": 4}},
+        generate_steps=50, balance_to=1.0,
+        method_params={"diffmic_v2": {"dcg_epochs": 4}, "diffusion_classifier": {"pretrain_epochs": 20}},
     ),
 }
 
@@ -84,7 +87,8 @@ def _generator_job(data: list[str], seed: int, budget: Budget, out: Path) -> Job
 
 
 def _synthetic_job(seed: int, budget: Budget, gen: Path, out: Path) -> Job:
-    return Job(f"synthetic-s{seed}", generate_stage, (gen, out, budget.generate_steps, seed), out, done=".complete",
+    return Job(f"synthetic-s{seed}", generate_stage, (gen, out, budget.generate_steps, budget.balance_to, seed), out,
+               done=".complete",
                after=[f"generator-s{seed}"])
 
 
@@ -132,8 +136,8 @@ def train_generator_stage(overrides: list[str], run_dir: Path, params: dict) -> 
     train_generator(None if resume else load_config(None, overrides), run_dir, params, resume=resume)
 
 
-def generate_stage(generator_run: Path, out: Path, steps: int, seed: int) -> None:
+def generate_stage(generator_run: Path, out: Path, steps: int, balance_to: float, seed: int) -> None:
     from diffmed.diffusion.generate import generate
 
-    generate(generator_run, out, balance_to=1.0, steps=steps, seed=seed)
+    generate(generator_run, out, balance_to=balance_to, steps=steps, seed=seed)
     (out / ".complete").write_text("done\n")
