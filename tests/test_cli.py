@@ -61,6 +61,19 @@ def test_evaluate_reproduces_the_training_run_metrics(trained_pair):
     assert json.loads((run / "metrics.json").read_text())["test"]["auc"] == pytest.approx(before, abs=1e-9)
 
 
+def test_evaluate_on_other_data_writes_a_separate_evaluation(trained_pair, tmp_path, shared_data):
+    from conftest import slice_npz
+
+    other = slice_npz(shared_data / "pneumoniamnist_imbalanced.npz", tmp_path / "pneumoniamnist_imbalanced.npz",
+                      {"train": 40, "val": 20, "test": 30})
+    res = invoke("evaluate", trained_pair[1], "-s", f"data.source={other}")
+    assert res.exit_code == 0, res.output
+    (folder,) = (trained_pair[1] / "evaluations").iterdir()
+    assert json.loads((folder / "metrics.json").read_text())["n_test"] == 30
+    assert (folder / "report.html").is_file()
+    assert json.loads((trained_pair[1] / "metrics.json").read_text())["n_test"] == 48  # the run's own is kept
+
+
 def test_predict_on_new_image_files(tmp_path, trained_pair, shared_data):
     with np.load(shared_data / "pneumoniamnist.npz") as f:
         images = f["test_images"][:3]

@@ -53,6 +53,8 @@ def default_run_dir(source: str, method: str) -> Path:
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # Lightning's start-up banners (GPU/TPU available, tips) are noise for a CLI user
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
 
 @app.command()
@@ -156,6 +158,7 @@ def benchmark(
     """Compare methods on one dataset: same splits, several seeds, CIs, significance, one report."""
     from diffmed.benchmark import run_benchmark
 
+    _setup_logging(False)
     out = out or Path("runs") / f"benchmark-{Path(data).stem}-{budget}"
     md, html = run_benchmark(data, out, methods, seeds, budget, jobs, gpus, set_ or [])
     typer.echo(md.read_text().split("## Significance")[0])
@@ -199,6 +202,7 @@ def quickstart(
     from diffmed.data.check import check_dataset, format_fingerprint
     from diffmed.engine.run import train as run_train
 
+    _setup_logging(False)
     cfg = load_config(None, _overrides(data, "baseline", epochs, seed, None, None, None, None, None, []))
     run_dir = out or default_run_dir(cfg.data.source, "baseline")
     run_dir.mkdir(parents=True, exist_ok=True)

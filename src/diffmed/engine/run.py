@@ -11,7 +11,7 @@ import torch
 
 from diffmed.config import RunConfig, load_config, save_config
 from diffmed.data.types import TaskSpec
-from diffmed.engine.checkpoint import (best_checkpoint_state, export_model, load_state,
+from diffmed.engine.checkpoint import (atomic_write_json, best_checkpoint_state, export_model, load_state,
                                        read_model_meta)
 from diffmed.engine.data import PreparedData, make_datamodule, prepare_data
 from diffmed.engine.evaluate import evaluate_split, write_test_results
@@ -184,6 +184,7 @@ def evaluate(run_dir: Path, overrides: list[str] | None = None) -> dict:
     val = {"temperature": meta["temperature"], "thresholds": meta["thresholds"], "metrics": {}}
     cost = {"infer_seconds_per_image": test_out.seconds_per_image,
             "forward_passes_per_image": method.forward_passes_per_image()}
-    if overrides:
+    if overrides:  # the evaluation folder carries the model's contract so its report can be read alone
         save_config(cfg, out_dir / CONFIG_FILE)
+        atomic_write_json(out_dir / "model" / "model.json", meta)
     return write_test_results(out_dir, cfg, data.spec, data.sets["test"], test_out, val, cost)
