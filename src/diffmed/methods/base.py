@@ -79,6 +79,16 @@ class ClassifierMethod(L.LightningModule):
     def fit_stages(self, ctx: StageContext) -> None:
         """Train anything that must exist before the main fit (default: nothing)."""
 
+    def frozen_submodules(self) -> list[torch.nn.Module]:
+        """Submodules kept in eval mode while the rest trains (frozen priors, EMA copies)."""
+        return []
+
+    def train(self, mode: bool = True) -> "ClassifierMethod":
+        super().train(mode)
+        for module in self.frozen_submodules():
+            module.eval()  # batch-norm statistics and dropout of frozen parts never change
+        return self
+
     # --- shared training logic -----------------------------------------------------------------
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         return classification_loss(logits, batch, self.spec, self.class_weights, self.params.focal_gamma)

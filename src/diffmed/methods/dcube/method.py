@@ -180,12 +180,9 @@ class DCube(ClassifierMethod):
                                   p.head_width, p.head_hidden, p.head_dropout)
         self.ema_head = copy.deepcopy(self.head).requires_grad_(False).eval() if p.ema_decay else None
 
-    def train(self, mode: bool = True) -> "DCube":
-        """The frozen generator and the EMA head stay in eval mode."""
-        super().train(mode)
-        if self.ema_head is not None:
-            self.ema_head.eval()
-        return self
+    def frozen_submodules(self) -> list[torch.nn.Module]:
+        """The EMA head stays in eval mode (the frozen generator keeps its own eval mode)."""
+        return [self.ema_head] if self.ema_head is not None else []
 
     # --- step 1: generator and layer selection -----------------------------------------------------
     def fit_stages(self, ctx: StageContext) -> None:

@@ -262,12 +262,9 @@ class DiffMICv2(ClassifierMethod):
                               f"map of '{p.global_backbone}' at {spec.image_size} px; lower num_rois")
         return dcg.requires_grad_(False).eval()  # trained only by its own stage (fit_stages)
 
-    def train(self, mode: bool = True) -> "DiffMICv2":
+    def frozen_submodules(self) -> list[torch.nn.Module]:
         """The DCG stays frozen in eval mode (batch-norm statistics included) during the main fit."""
-        super().train(mode)
-        if self.dcg is not None:
-            self.dcg.eval()
-        return self
+        return [self.dcg] if self.dcg is not None else []
 
     # --- the DCG stage ------------------------------------------------------------------------------
     def fit_stages(self, ctx: StageContext) -> None:
