@@ -313,6 +313,8 @@ def test_engine_run_trains_the_dcg_stage_and_reloads(tmp_path, tiny_pneumonia):
     cfg = load_config(None, [o for o in overrides if not o.startswith("method.params.backbone=")])
     run_dir = train(cfg, tmp_path / "run")
     assert (run_dir / "stages" / "dcg" / DCG_WEIGHTS).is_file() and (run_dir / "metrics.json").is_file()
+    assert (run_dir / "plots" / "diffmic_trajectory.png").is_file()
+    assert '<section id="trajectory">' in (run_dir / "report.html").read_text()
     method, meta, _ = load_trained(run_dir)
     x = torch.randn(3, 1, 28, 28)
     again, _, _ = load_trained(run_dir)

@@ -55,7 +55,7 @@ BUDGETS: dict[str, Budget] = {
     "quick": Budget(
         seeds=1, epochs={"*": 2},
         train_overrides=("train.limit_train_batches=12", "eval.bootstrap=500"),
-        generator={"size": "tiny", "max_epochs": 2, "sample_every_n_epochs": None},
+        generator={"size": "tiny", "max_epochs": 2, "sample_every_n_epochs": 2, "sample_steps": 10},
         generate_steps=10, balance_to=0.45,
         method_params={"diffmic_v2": {"dcg_epochs": 1}, "dcube": {"ks_images": 64},
                        "diffusion_classifier": {"pretrain_epochs": 1, "timesteps": "strided", "num_timesteps": 4}},

@@ -80,8 +80,8 @@ def _plot_sections(runs: dict[str, list[Path]], plots: Path) -> list[Section]:
 def _diffusion_section(root: Path, runs: dict[str, list[Path]], plots: Path) -> Section:
     """The diffusion methods' own pictures, where their runs left them."""
     blocks = []
-    wanted = [("generated samples per class", sorted((root / "stages").glob("generator-s*/**/samples*.png"))),
-              ("KS p-values per layer (D-Cube)", sorted(p for d in runs.get("dcube", []) for p in d.glob("**/*ks*.png"))),
+    wanted = [("generated samples per class", sorted((root / "stages").glob("generator-s*/**/samples/*.png"))),
+              ("KS p-values per layer (D-Cube)", sorted(p for d in runs.get("dcube", []) for p in d.glob("**/gaussianity.png"))),
               ("DiffMIC-v2 denoising trajectory", sorted(p for d in runs.get("diffmic_v2", []) for p in d.glob("**/*trajectory*.png"))),
               ("Grad-CAM (baseline)", sorted(p for d in runs.get("baseline", []) for p in d.glob("**/*gradcam*.png")))]
     for title, found in wanted:

@@ -138,19 +138,21 @@ def finalize(cfg: RunConfig, data: PreparedData, method, run_dir: Path, cost: di
     cost = dict(cost or {})
     cost.update(infer_seconds_per_image=test_out.seconds_per_image,
                 forward_passes_per_image=method.forward_passes_per_image())
-    _gradcam(method, dm, data.spec, run_dir)
+    _pictures(method, dm, data.spec, run_dir)
     return write_test_results(run_dir, cfg, data.spec, data.sets["test"], test_out, val, cost)
 
 
-def _gradcam(method, dm, spec: TaskSpec, run_dir: Path, n: int = 6) -> None:
-    """plots/gradcam.png for single-label CNN methods (skipped for others)."""
+def _pictures(method, dm, spec: TaskSpec, run_dir: Path, n: int = 6) -> None:
+    """Pictures of the first test images: Grad-CAM for CNN methods, plus each method's own (single-label)."""
     from diffmed.report.gradcam import plot_gradcam
 
     if spec.multilabel:
         return
     batch = next(iter(dm.eval_loader("test")))
     images = batch["image"][:n].to(next(method.parameters()).device)
-    plot_gradcam(method, images, batch["target"][:n].tolist(), spec.class_names, run_dir / "plots" / "gradcam.png")
+    targets = batch["target"][:n].tolist()
+    plot_gradcam(method, images, targets, spec.class_names, run_dir / "plots" / "gradcam.png")
+    method.plot_extras(images, targets, run_dir / "plots")
 
 
 def load_trained(run_dir: Path, device: torch.device | None = None):

@@ -79,6 +79,9 @@ class ClassifierMethod(L.LightningModule):
     def fit_stages(self, ctx: StageContext) -> None:
         """Train anything that must exist before the main fit (default: nothing)."""
 
+    def plot_extras(self, images: torch.Tensor, targets: list[int], out_dir: Path) -> None:
+        """Method-specific pictures of a few test images for the report (default: none)."""
+
     def frozen_submodules(self) -> list[torch.nn.Module]:
         """Submodules kept in eval mode while the rest trains (frozen priors, EMA copies)."""
         return []

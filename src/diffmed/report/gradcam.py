@@ -3,12 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
+from captum.attr import LayerAttribution, LayerGradCam
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from captum.attr import LayerAttribution, LayerGradCam  # noqa: E402
+from diffmed.report.plots import _figure, _save
 
 
 def gradcam_layer(net: torch.nn.Module) -> torch.nn.Module | None:
@@ -32,7 +30,7 @@ def plot_gradcam(method, images: torch.Tensor, targets: list[int], class_names: 
         cam = LayerGradCam(method, layer).attribute(images, target=pred)
     cam = LayerAttribution.interpolate(cam, tuple(images.shape[-2:]), "bilinear").relu().detach()
     n = len(images)
-    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.6), squeeze=False)
+    fig, axes = _figure(2.2 * n, 2.6, ncols=n, squeeze=False)
     for i, ax in enumerate(axes[0]):
         img = images[i].float()
         img = (img - img.min()) / (img.max() - img.min() + 1e-8)
@@ -40,8 +38,4 @@ def plot_gradcam(method, images: torch.Tensor, targets: list[int], class_names: 
         ax.imshow(cam[i, 0].numpy(), cmap="jet", alpha=0.4)
         ax.set_title(f"true {class_names[targets[i]]}\npred {class_names[int(pred[i])]}", fontsize=8)
         ax.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

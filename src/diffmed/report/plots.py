@@ -136,3 +136,19 @@ def plot_training_curves(metrics_csv_path: str | Path, path: str | Path) -> Path
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize="small")
     return _save(fig, path)
+
+
+def plot_trajectories(probs: np.ndarray, timesteps: list[int], targets: list[int], class_names: list[str],
+                      path: Path) -> Path:
+    """Predicted probability of every class along a reverse diffusion chain, one panel per image."""
+    n = len(probs)
+    fig, axes = _figure(2.6 * n, 2.8, ncols=n, squeeze=False, sharey=True)
+    for i, ax in enumerate(axes[0]):
+        for c, name in enumerate(class_names):
+            ax.plot(range(len(timesteps)), probs[i, :, c], marker="o", ms=3, label=name)
+        ax.set_xticks(range(len(timesteps)), [str(t) for t in timesteps], rotation=90, fontsize=6)
+        ax.set_title(f"true {class_names[targets[i]]}", fontsize=8)
+        ax.set_xlabel("DDIM timestep", fontsize=7)
+    axes[0][0].set_ylabel("probability")
+    axes[0][-1].legend(fontsize=6)
+    return _save(fig, path)

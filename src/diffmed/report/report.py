@@ -207,13 +207,17 @@ def _configuration(config: str | None) -> Section:
     return Section("configuration", "Configuration", [block])
 
 
-def _gradcam(path: Path) -> Section | None:
-    """Grad-CAM of a few test images, drawn by the engine for CNN methods."""
-    if not path.is_file():
-        return None
-    return Section("gradcam", "Grad-CAM", [Text("Where the network looked for its predicted class "
-                                                "(first test images; the image ids are not shown)."),
-                                           Image(path, "Grad-CAM")])
+PICTURES = {  # optional pictures a run may leave in plots/: file stem -> (section id, title, caption)
+    "gradcam": ("gradcam", "Grad-CAM", "Where the network looked for its predicted class (first test images; "
+                "the image ids are not shown)."),
+    "diffmic_trajectory": ("trajectory", "Denoising trajectory", "DiffMIC-v2's class probabilities implied "
+                           "at each DDIM step, for the first test images."),
+}
+
+
+def _pictures(plots_dir: Path) -> list[Section]:
+    return [Section(sid, title, [Text(caption), Image(plots_dir / f"{stem}.png", title)])
+            for stem, (sid, title, caption) in PICTURES.items() if (plots_dir / f"{stem}.png").is_file()]
 
 
 def _uncalibrated(run: RunFiles) -> Any:
@@ -237,7 +241,7 @@ def _sections(run: RunFiles) -> list[Section]:
         _summary(run), _headline(run), _per_class(run, recall), _calibration(run, reliability, ece_before),
         Section("roc", "ROC curves", [Image(roc, "ROC curves")]),
         Section("confusion", "Confusion matrix", [Image(confusion, "Confusion matrix")]),
-        _gradcam(out / "gradcam.png"),
+        *_pictures(out),
         _training(logs, out / "training_curves.png") if logs.is_file() else None,
         _cost(run.saved["cost"]) if run.saved.get("cost") else None,
         _configuration(run.config),

@@ -262,6 +262,17 @@ class DiffMICv2(ClassifierMethod):
                               f"map of '{p.global_backbone}' at {spec.image_size} px; lower num_rois")
         return dcg.requires_grad_(False).eval()  # trained only by its own stage (fit_stages)
 
+    @torch.no_grad()
+    def plot_extras(self, images: torch.Tensor, targets: list[int], out_dir: Path) -> None:
+        """plots/diffmic_trajectory.png: each image's class probabilities along the 10 DDIM steps."""
+        from diffmed.report.plots import plot_trajectories
+
+        steps: list[torch.Tensor] = []
+        self.sample(images, n_samples=1, trajectory=steps)
+        probs = torch.stack(steps, 1)[:, :, 0].cpu().numpy()  # (N, steps, C)
+        labels = [int(t) for t in self.sampler.timesteps]
+        plot_trajectories(probs, labels, targets, self.spec.class_names, out_dir / "diffmic_trajectory.png")
+
     def frozen_submodules(self) -> list[torch.nn.Module]:
         """The DCG stays frozen in eval mode (batch-norm statistics included) during the main fit."""
         return [self.dcg] if self.dcg is not None else []
@@ -386,8 +397,11 @@ class DiffMICv2(ClassifierMethod):
 
     # --- inference (Algorithm 2) -----------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, images: torch.Tensor, n_samples: int | None = None) -> torch.Tensor:
+    def sample(self, images: torch.Tensor, n_samples: int | None = None,
+               trajectory: list[torch.Tensor] | None = None) -> torch.Tensor:
         """(N, S, C) predicted probabilities of S reverse chains per image (seeded: same image, same output).
+
+        ``trajectory``, when given, receives the (N, S, C) prediction implied at every DDIM step.
 
         Every image uses the same S starting noises (drawn from ``params.seed``), so its prediction does not
         depend on the batch it comes in. DCG, M and F are computed once and reused at each DDIM step.
@@ -406,7 +420,10 @@ class DiffMICv2(ClassifierMethod):
             t_map = torch.full((n * s, p, p), int(t), device=images.device, dtype=torch.long)
             eps_hat = self.denoiser((z + base).to(features.dtype), prior, features, t_map).float()
             extra = {} if jitter is None else {"variance_noise": jitter[i].to(images.device).repeat(n, 1, 1, 1)}
-            z = self.sampler.step(eps_hat, t, z, eta=self.params.eta, **extra).prev_sample
+            out = self.sampler.step(eps_hat, t, z, eta=self.params.eta, **extra)
+            z = out.prev_sample
+            if trajectory is not None:
+                trajectory.append(self._normalise((out.pred_original_sample + base).mean((2, 3)).view(n, s, c)))
         y0 = (z + base).mean((2, 3)).view(n, s, c)
         return self._normalise(y0)
 
