@@ -56,13 +56,15 @@ def prepare_data(cfg: RunConfig, run_dir: Path) -> PreparedData:
     raw_targets = ds.targets.copy()
     ds, three_way = apply_label_policies(ds, cfg.data.uncertain_policy, cfg.data.missing_policy)
     splits = {name: np.asarray(idx, dtype=int) for name, idx in resolve_splits(ds, cfg.data, run_dir / SPLITS_FILE).items()}
-    unlabelled = ds.subset(splits["train"])
+    unlabelled = None
     if cfg.data.train_fraction < 1.0:
+        unlabelled = ds.subset(splits["train"])
         keep = subsample_train(np.arange(len(splits["train"])), unlabelled, cfg.data.train_fraction,
                                cfg.data.split_seed)
         splits["train"] = splits["train"][np.asarray(keep, dtype=int)]
     sets = {name: ds.subset(idx) for name, idx in splits.items()}
-    sets["unlabelled"] = unlabelled  # the whole training split, for self-supervised pre-training stages
+    # the whole real training split (labels unused), for self-supervised pre-training stages
+    sets["unlabelled"] = unlabelled if unlabelled is not None else sets["train"]
     sets["train"] = _mix_synthetic(sets["train"], _synthetic_sets(cfg, ds), cfg.data.synthetic_ratio, cfg.train.seed)
     channels = cfg.data.channels or ds.channels
     spec = TaskSpec(task=ds.task, class_names=list(ds.class_names), channels=channels,
