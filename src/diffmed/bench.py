@@ -16,10 +16,10 @@ import numpy as np
 
 from diffmed.config import RunConfig, load_config
 from diffmed.engine.checkpoint import atomic_write_bytes, atomic_write_json
+from diffmed.engine.evaluate import HEADLINE
 from diffmed.engine.run import CONFIG_FILE, train
 
 log = logging.getLogger("diffmed.bench")
-HEADLINE = ("acc", "balanced_acc", "f1_macro", "auc", "kappa")
 HAM10000 = ["data.label_columns=[dx]", "data.group_column=lesion_id", "data.image_size=64"]
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 from diffmed.bench import mean_std
 from diffmed.benchmark.stats import paired_seed_pooled, seed_pooled_ci
 from diffmed.engine.checkpoint import atomic_write_bytes, atomic_write_json
+from diffmed.engine.evaluate import HEADLINE
 from diffmed.evaluation.compare import load_predictions, read_run_json
 from diffmed.report.report import Image, Section, Table, Text, render_html, render_markdown
 
-METRICS = ("acc", "balanced_acc", "f1_macro", "auc", "kappa")
+METRICS = HEADLINE
 """Bootstrapped over test images; calibration (ECE after temperature scaling) is reported as mean ± std."""
 TESTED = ("acc", "balanced_acc", "f1_macro", "auc")
 COST = ("train_seconds", "train_images_per_second", "infer_seconds_per_image", "forward_passes_per_image",

@@ -53,7 +53,7 @@ def _mix_synthetic(train: LabelledSet, synthetic: list[LabelledSet], ratio: floa
 def prepare_data(cfg: RunConfig, run_dir: Path) -> PreparedData:
     """Load, resolve label policies, split (reusing ``splits.json``), subsample and mix synthetic images."""
     ds = load_source(cfg.data)
-    raw_targets = ds.targets.copy()
+    raw_targets = ds.targets  # label policies return a new set; these stay the file's values
     ds, three_way = apply_label_policies(ds, cfg.data.uncertain_policy, cfg.data.missing_policy)
     splits = {name: np.asarray(idx, dtype=int) for name, idx in resolve_splits(ds, cfg.data, run_dir / SPLITS_FILE).items()}
     unlabelled = None

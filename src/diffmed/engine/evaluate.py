@@ -12,9 +12,10 @@ from diffmed.engine.checkpoint import atomic_write_bytes, atomic_write_json
 from diffmed.engine.inference import Outputs, collect_outputs
 from diffmed.methods.losses import metric_mask
 from diffmed.evaluation.metrics import (apply_temperature, bootstrap_ci, choose_thresholds, classification_metrics,
-                                        fit_temperature)
+                                        expected_calibration_error, fit_temperature)
 
 HEADLINE = ("acc", "balanced_acc", "f1_macro", "auc", "kappa")
+"""Metrics reported with bootstrap CIs by every run and benchmark."""
 
 
 def _class_logits(logits: np.ndarray, spec: TaskSpec) -> np.ndarray:
@@ -69,8 +70,7 @@ def write_test_results(out_dir: Path, cfg: RunConfig, spec: TaskSpec, test: Labe
     probs = calibrated_probs(out.logits, spec, val["temperature"])
     mask = _mask(out, spec)
     metrics = classification_metrics(spec.task, out.targets, probs, thresholds=val["thresholds"], mask=mask)
-    metrics["ece_uncalibrated"] = classification_metrics(spec.task, out.targets, raw, thresholds=val["thresholds"],
-                                                         mask=mask)["ece"]
+    metrics["ece_uncalibrated"] = expected_calibration_error(out.targets, raw, task=spec.task, mask=mask)
     ci = bootstrap_ci(spec.task, out.targets, probs, metrics=HEADLINE, n_boot=cfg.eval.bootstrap,
                       level=cfg.eval.ci_level, seed=cfg.train.seed, thresholds=val["thresholds"], mask=mask)
     result = {"method": cfg.method.name, "dataset": cfg.data.source, "seed": cfg.train.seed, "task": spec.task,
