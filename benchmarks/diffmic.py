@@ -66,14 +66,6 @@ def run(args: argparse.Namespace, dataset: str, tag: str, epochs: int, seed: int
     return run_or_resume(overrides, run_dir), run_dir
 
 
-
-
-
-
-
-
-
-
 def method_rows(name: str, s: dict, base: dict) -> list[str]:
     return [name, *(fmt(s[m]) for m in METRICS), per_seed_ci(s, "acc"), per_seed_ci(s, "auc"),
             cost_ratio(s, base, "forward_passes_per_image"), cost_ratio(s, base, "infer_seconds_per_image"),

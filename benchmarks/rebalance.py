@@ -39,8 +39,7 @@ import numpy as np
 import torch
 
 from diffmed.augment import (MANIFEST, STRATEGIES, AugmentPlan, ManifestProducer, MixedProducer, TraditionalProducer,
-                             features_from_run, misclassified_candidates, plan_from_sources, plan_strategy,
-                             write_manifest)
+                             plan_from_sources, plan_strategy, read_manifest, select_misclassified, write_manifest)
 from diffmed.bench import dataset_overrides, fmt, markdown_table, run_or_resume, summarize, write_results
 from diffmed.config import DataConfig, load_config
 from diffmed.data import load_source
@@ -159,12 +158,7 @@ class Bench:
         path = self.args.work / "aug" / f"candidates-s{seed}.json"
         if not path.is_file():
             self.run_arm(ARMS["none"], seed)
-            feats, probs = features_from_run(self.run_dir("none", seed), self.train)
-            picked = misclassified_candidates(feats, probs, self.train.targets)
-            wrong = int(np.sum(probs.argmax(1) != self.train.targets))
-            atomic_write_json(path, {"rows": picked.tolist(), "misclassified": wrong,
-                                     "per_class": np.bincount(self.train.targets[picked],
-                                                              minlength=len(self.train.class_names)).tolist()})
+            atomic_write_json(path, select_misclassified(self.run_dir("none", seed), self.train).to_json())
         return np.asarray(json.loads(path.read_text())["rows"], dtype=np.int64)
 
     def plan(self, strategy: str, seed: int) -> AugmentPlan:
@@ -233,20 +227,14 @@ class Bench:
 
     # --- generation quality --------------------------------------------------------------------------
     def extractor(self, seed: int):
-        from diffmed.evaluation.generation import DomainFeatures, train_domain_feature_extractor
+        from diffmed.evaluation.generation import domain_extractor
 
-        path = self.args.work / "features" / f"domain-s{seed}.safetensors"
-        if path.is_file():
-            return DomainFeatures.load(path)
-        fx = train_domain_feature_extractor(self.train.images, self.train.targets, self.args.feature_epochs, seed,
-                                            ids=self.train.ids)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fx.save(path)
-        return fx
+        return domain_extractor(self.train.images, self.train.targets, self.train.ids, self.args.feature_epochs, seed,
+                                cache=self.args.work / "features" / f"domain-s{seed}.safetensors")
 
     def generation_table(self, seed: int) -> dict:
         """Per class quality of each image source against the real training images of that class."""
-        from diffmed.evaluation.generation import class_features, generation_report
+        from diffmed.evaluation.generation import class_features, evaluate_generated, images_by_class
 
         path = self.args.out / "generation" / f"s{seed}.json"
         if path.is_file():
@@ -263,18 +251,14 @@ class Bench:
                                                                       f"plain-ddim{a.ddim_steps}-s{seed}", counts,
                                                                       "ddim", a.ddim_steps, seed),
         }
-        real = {c: self.train.images[self.train.targets == k] for k, c in enumerate(names)}
+        real = images_by_class(self.train)
         fx, out = self.extractor(seed), {}
         real_f = class_features(real, fx)
         for label, manifest in sources.items():
-            pool = ManifestProducer(manifest).pool(self.train)
-            fake = {c: pool.images[pool.targets == k][:n] for k, c in enumerate(names)}
-            out[label] = generation_report(real, fake, fx, seed=seed, real_features=real_f)
+            out[label] = evaluate_generated(real, read_manifest(manifest, self.train), fx, n, seed, real_f)
             out[label]["cost"] = _read_cost(manifest.parent)
-        trad = self.traditional_samples(n, seed)
-        out["traditional (combined policy)"] = generation_report(
-            real, {c: trad.images[trad.targets == k] for k, c in enumerate(names)}, fx, seed=seed,
-            real_features=real_f)
+        out["traditional (combined policy)"] = evaluate_generated(real, self.traditional_samples(n, seed), fx,
+                                                                  seed=seed, real_features=real_f)
         out["generator_cost"] = {kind: _read_cost(a.work / "generators" / f"{kind}-s{seed}")
                                  for kind in ("lcont", "plain")}
         atomic_write_json(path, out)

@@ -61,6 +61,21 @@ def ham_root(shared_data) -> Path:
     return shared_data / "ham10000_subset" / "images"
 
 
+TINY_GENERATOR = {"size": "tiny", "sample_every_n_epochs": None}
+"""Generator options of the shared tiny generator: the smallest UNet, no sample grids."""
+
+
+@pytest.fixture(scope="session")
+def tiny_generator_run(tmp_path_factory, tiny_pneumonia) -> Path:
+    """A tiny class-conditional generator run (1 epoch of 2 steps on the real tiny_pneumonia slice)."""
+    from diffmed.config import load_config
+    from diffmed.diffusion import train_generator
+
+    cfg = load_config(None, [f"data.source={tiny_pneumonia}", "train.max_epochs=1", "train.batch_size=16",
+                             "train.limit_train_batches=2", "train.progress=false"])
+    return train_generator(cfg, tmp_path_factory.mktemp("generator") / "run", TINY_GENERATOR)
+
+
 def tiny_overrides(npz: Path, **extra) -> list[str]:
     """A fast config: 2 epochs, small batches, few bootstrap resamples, no progress bar."""
     base = {"data.source": str(npz), "train.max_epochs": 2, "train.batch_size": 32, "train.progress": False,

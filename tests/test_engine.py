@@ -106,3 +106,32 @@ def test_atomic_checkpoint_write_leaves_old_file_on_failure(tmp_path, monkeypatc
         checkpoint.AtomicCheckpointIO().save_checkpoint({"a": torch.zeros(2)}, target)
     torch.testing.assert_close(torch.load(target, weights_only=True)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_last_checkpoint_follows_every_epoch_even_without_improvement(tmp_path):
+    """Lightning's save_last skips epochs where "best" did not improve; a resume would redo them."""
+    import lightning as L
+
+    from diffmed.config import TrainConfig
+    from diffmed.engine.trainer import build_trainer
+
+    class Flat(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, _):
+            return (self.w - batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, _):
+            self.log("val/auc", 0.5)  # never improves after epoch 0
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 1)), batch_size=2)
+    cfg = TrainConfig(max_epochs=3, progress=False, accelerator="cpu")
+    build_trainer(cfg, tmp_path, monitor="val/auc", mode="max").fit(Flat(), loader, loader)
+    ckpt = lambda name: torch.load(tmp_path / "checkpoints" / f"{name}.ckpt", weights_only=True)  # noqa: E731
+    assert ckpt("best")["epoch"] == 0
+    assert ckpt("last")["epoch"] == 2 and ckpt("last")["global_step"] == 6

@@ -210,12 +210,15 @@ def quickstart(
     _print_summary(run_train(cfg, run_dir))
 
 
-from diffmed.cli_generate import generate_cmd, train_generator_cmd  # noqa: E402  (needs `friendly`)
+from diffmed.cli_augment import augment_cmd  # noqa: E402  (needs `friendly`)
+from diffmed.cli_generate import eval_generator_cmd, generate_cmd, train_generator_cmd  # noqa: E402
 
-generator_app = typer.Typer(help="Train class-conditional diffusion generators.", no_args_is_help=True)
+generator_app = typer.Typer(help="Train and evaluate class-conditional diffusion generators.", no_args_is_help=True)
 app.add_typer(generator_app, name="generator")
 generator_app.command("train")(friendly(train_generator_cmd))
+generator_app.command("eval")(friendly(eval_generator_cmd))
 app.command("generate")(friendly(generate_cmd))
+app.command("augment")(friendly(augment_cmd))
 
 from diffmed.cli_pretrain import register as _register_pretrain  # noqa: E402
 

@@ -1,7 +1,8 @@
-"""CLI commands of the generator, registered in cli.py as ``diffmed generator train`` and ``diffmed generate``.
+"""CLI commands of the generator, registered in cli.py as ``diffmed generator train``, ``diffmed generator eval``
+and ``diffmed generate``.
 
-Thin wrappers: they resolve options and call ``diffmed.diffusion``. Register them wrapped in
-``cli.friendly`` so that user errors print as one message.
+Thin wrappers: they resolve options and call ``diffmed.diffusion`` / ``diffmed.evaluation.generation``.
+Register them wrapped in ``cli.friendly`` so that user errors print as one message.
 """
 from __future__ import annotations
 
@@ -85,3 +86,47 @@ def generate_cmd(
     console.print(f"[bold green]done[/] {result.written} new images ({result.kept} kept) at "
                   f"{result.images_per_second:.2f} images/s; manifest {escape(str(result.manifest))}\n"
                   + escape(f"  use it with: -s 'data.synthetic=[{result.manifest}]'"))
+
+
+def eval_generator_cmd(
+    run_dir: Path = typer.Argument(..., help="A generator run folder (from `diffmed generator train`)"),
+    per_class: Optional[int] = typer.Option(None, help="Generated images per class (default 100 when sampling; "
+                                                       "with --synthetic: all, or the first N)"),
+    synthetic: Optional[Path] = typer.Option(None, help="Score this existing manifest (`diffmed generate`) instead "
+                                                        "of sampling"),
+    steps: int = typer.Option(50, help="Sampling steps"),
+    sampler: str = typer.Option("ddim", help="ddim | ddpm | dpm"),
+    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = plain conditional)"),
+    seed: int = 0,
+    features: str = typer.Option("auto", help="Feature space: auto (Inception-v3 when its weights are on disk, else "
+                                              "domain) | domain (a classifier trained on the real training split) "
+                                              "| inception"),
+    feature_epochs: int = typer.Option(5, help="Training epochs of the domain feature extractor"),
+    batch_size: int = typer.Option(64, help="Images per sampling batch"),
+    out: Optional[Path] = typer.Option(None, help="Output JSON (default RUN/generation_eval.json)"),
+) -> None:
+    """Generation quality per class against the real training images: FID, KID, precision, recall, SSIM, PSNR."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    from diffmed.cli import console
+    from diffmed.evaluation.generation import GENERATION_EVAL, evaluate_generator
+
+    report = evaluate_generator(run_dir, per_class=per_class, steps=steps, sampler=sampler, guidance=guidance,
+                                seed=seed, synthetic=synthetic, features=features, feature_epochs=feature_epochs,
+                                batch_size=batch_size, out=out)
+    table = Table(title=escape(f"generation quality, feature space {report['feature_space']}"), title_justify="left",
+                  box=box.SIMPLE_HEAD)
+    for name in ("class", "real", "gen", "FID", "KID", "prec", "recall", "SSIM", "PSNR"):
+        table.add_column(name, justify="left" if name == "class" else "right", no_wrap=name == "class")
+    for name, m in [*report["per_class"].items(), ("overall", report["overall"])]:
+        table.add_row(escape(name), str(m["n_real"]), str(m["n_fake"]), f"{m['fid']:.4g}", f"{m['kid']:.3g}",
+                      f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['ssim']:.3f}", f"{m['psnr']:.2f}")
+    console.print(table)
+    if report.get("not_evaluated"):
+        console.print(escape(f"not evaluated (fewer than 2 generated images): {report['not_evaluated']}"))
+    target = out or Path(report["generator_run"]) / f"{GENERATION_EVAL}.json"
+    console.print("prec/recall: k-NN manifolds in that feature space; SSIM/PSNR (dB): to the nearest real image "
+                  "of the class (SSIM near 1 flags copies)", highlight=False)
+    console.print(f"report {escape(str(target))}", highlight=False)

@@ -27,6 +27,10 @@ Strategies:
 New rows are marked ``synthetic=True`` with ids ``aug/<source id>/<k>`` (traditional) or
 ``gen/<generated id>`` (diffusion). Validation and test sets are never touched: strategies refuse a set
 holding rows of another split.
+
+:func:`augment_to_manifest` is the whole job behind ``diffmed augment`` (the training split ``diffmed train``
+makes from a data config, a strategy, a producer, the manifest for ``data.synthetic``);
+``benchmarks/rebalance.py`` shares its pieces (:func:`select_misclassified`, :func:`read_manifest`).
 """
 from __future__ import annotations
 
@@ -196,6 +200,9 @@ def features_from_run(run_dir: str | Path, train: LabelledSet, batch_size: int =
     from diffmed.engine.run import load_trained
 
     method, meta, _ = load_trained(Path(run_dir))
+    if list(meta.get("class_names", train.class_names)) != list(train.class_names):
+        raise ConfigError(f"run '{run_dir}' was trained on classes {meta['class_names']} but the training set has "
+                          f"{list(train.class_names)}; use a classifier trained on this dataset")
     if not hasattr(method, "features"):
         raise ConfigError(f"method '{meta['method']}' of run '{run_dir}' has no features(); misclassified "
                           "augmentation needs a classifier with penultimate features (e.g. baseline)")
@@ -208,6 +215,30 @@ def features_from_run(run_dir: str | Path, train: LabelledSet, batch_size: int =
             logits.append(method.predict_logits(x).float().cpu()[:, : spec.num_classes])
     logits = torch.cat(logits).double()
     return torch.cat(feats).numpy(), torch.softmax(logits, 1).numpy()
+
+
+@dataclass
+class MisclassifiedSelection:
+    """The misclassified strategy's source images, picked with a trained classifier."""
+
+    rows: np.ndarray
+    """Training rows misclassified and nearer than average to the decision boundary (the candidates)."""
+    misclassified: int
+    """Training images the classifier gets wrong (selected or not)."""
+    per_class: list[int]
+    """Selected rows per class (true class)."""
+
+    def to_json(self) -> dict:
+        return {"rows": self.rows.tolist(), "misclassified": self.misclassified, "per_class": self.per_class}
+
+
+def select_misclassified(run_dir: str | Path, train: LabelledSet, n_components: int = 2) -> MisclassifiedSelection:
+    """Candidates of the misclassified strategy from a trained classifier run (see :func:`features_from_run`)."""
+    feats, probs = features_from_run(run_dir, train)
+    targets = np.asarray(train.targets).astype(int)
+    rows = misclassified_candidates(feats, probs, targets, n_components)
+    return MisclassifiedSelection(rows, int(np.sum(probs.argmax(1) != targets)),
+                                  np.bincount(targets[rows], minlength=len(train.class_names)).tolist())
 
 
 # ------------------------------------------------------------------------------------------ producers
@@ -254,6 +285,20 @@ class TraditionalProducer:
         return _new_rows(train, plan.sources, out, ids)
 
 
+def read_manifest(manifest: str | Path, like: LabelledSet) -> LabelledSet:
+    """Images of a generated manifest (``diffmed generate`` or :func:`write_manifest` layout), read at the
+    size, channels and class order of ``like`` (usually the real training set); classes may be empty."""
+    from diffmed.config import DataConfig
+    from diffmed.data import load_source
+
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise DataError(f"generated manifest '{manifest}' not found; run `diffmed generate` first")
+    cfg = DataConfig(source=str(manifest), label_columns=["label"], class_names=list(like.class_names),
+                     image_size=int(like.images.shape[1]), channels=like.channels)
+    return load_source(cfg, allow_empty_classes=True)  # often only the rare classes
+
+
 class ManifestProducer:
     """Images of the planned classes drawn (seeded, without replacement) from a generated manifest."""
 
@@ -264,14 +309,7 @@ class ManifestProducer:
     def pool(self, train: LabelledSet) -> LabelledSet:
         """The generated images, read once, at the training set's size, channels and class order."""
         if self._pool is None:
-            from diffmed.config import DataConfig
-            from diffmed.data import load_source
-
-            if not self.manifest.is_file():
-                raise DataError(f"generated manifest '{self.manifest}' not found; run `diffmed generate` first")
-            cfg = DataConfig(source=str(self.manifest), label_columns=["label"], class_names=list(train.class_names),
-                             image_size=int(train.images.shape[1]), channels=train.channels)
-            self._pool = load_source(cfg, allow_empty_classes=True)  # often only the rare classes
+            self._pool = read_manifest(self.manifest, train)
         return self._pool
 
     def __call__(self, train: LabelledSet, plan: AugmentPlan, seed: int) -> LabelledSet:
@@ -430,11 +468,122 @@ def write_manifest(ds: LabelledSet, out_dir: str | Path, only_synthetic: bool = 
     return csv
 
 
+
+# --------------------------------------------------------------------------- whole job (diffmed augment)
+AUGMENT_FILE = "augment.json"
+GENERATED_DIR = "generated"
+
+
+@dataclass
+class AugmentResult:
+    manifest: Path
+    real_counts: dict[str, int]
+    """Real training images per class."""
+    added: dict[str, int]
+    """New (synthetic) training images per class, as written to the manifest."""
+    selection: MisclassifiedSelection | None = None
+
+
+def _choice(value: str, choices: Sequence[str], option: str) -> None:
+    import difflib
+
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{option} '{value}' is not one of {', '.join(choices)}.{hint}")
+
+
+def check_augment_options(strategy: str, producer: str, methods: Sequence[str] | None = None, k: int | None = None,
+                          generator_run: str | Path | None = None, model_run: str | Path | None = None) -> None:
+    """ConfigError, naming the ``diffmed augment`` option and what to do, for options that do not fit together."""
+    from diffmed.augment.transforms import TRADITIONAL
+
+    _choice(strategy, STRATEGIES, "--strategy")
+    _choice(producer, PRODUCERS, "--producer")
+    if strategy == "misclassified" and model_run is None:
+        raise ConfigError("--strategy misclassified needs --model RUN: a classifier run trained on this data (e.g. "
+                          "`diffmed train --data D --method baseline --out RUN`) whose mistakes pick the images")
+    if strategy != "misclassified" and model_run is not None:
+        raise ConfigError(f"--model is used by --strategy misclassified only (got --strategy {strategy}); drop it")
+    if producer in ("diffusion", "mixed") and generator_run is None:
+        raise ConfigError(f"--producer {producer} needs --generator RUN: a generator run folder from "
+                          "`diffmed generator train --data D --out RUN`")
+    if producer == "traditional" and generator_run is not None:
+        raise ConfigError("--generator is used by --producer diffusion or mixed only; drop it or choose one of those")
+    if methods is not None:
+        if producer == "diffusion":
+            raise ConfigError("--methods sets the traditional transforms: it applies to --producer traditional or "
+                              "mixed only")
+        unknown = [m for m in methods if m not in TRADITIONAL]
+        if unknown or not methods:
+            raise ConfigError(f"--methods {list(methods)}: give a comma-separated list of {', '.join(TRADITIONAL)}"
+                              + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    if k is not None:
+        if strategy == "balanced":
+            raise ConfigError("--k (new images per source image) applies to --strategy unbalanced or misclassified; "
+                              "balanced fills every class up to the largest")
+        if k < 0:
+            raise ConfigError(f"--k {k} must be >= 0")
+
+
+def augment_to_manifest(cfg, out_dir: str | Path, strategy: str, producer: str = "traditional", *,
+                        methods: Sequence[str] | None = None, k: int | None = None, seed: int = 0,
+                        generator_run: str | Path | None = None, model_run: str | Path | None = None,
+                        generate_options: dict | None = None) -> AugmentResult:
+    """``diffmed augment``: the new images of a strategy for the training split of ``cfg.data``, as a manifest.
+
+    The training split is the one ``diffmed train`` makes from the same data config (``splits.json`` is
+    written to ``out_dir``); ``misclassified`` picks its images with the classifier of ``model_run``;
+    ``diffusion``/``mixed`` sample exactly the planned counts from ``generator_run`` into
+    ``out_dir/generated/`` (resumable). Writes ``out_dir/images/``, ``out_dir/manifest.csv`` (the rows
+    for ``data.synthetic``) and ``out_dir/augment.json`` (settings and counts).
+    """
+    from diffmed.engine.checkpoint import atomic_write_json
+    from diffmed.engine.data import real_training_set
+    from diffmed.errors import RunError
+
+    check_augment_options(strategy, producer, methods, k, generator_run, model_run)
+    if cfg.data.synthetic:
+        raise ConfigError(f"data.synthetic is set ({cfg.data.synthetic}): augmentation starts from the real training "
+                          "images; drop it here and add both manifests to data.synthetic when training")
+    out_dir = Path(out_dir)
+    if (out_dir / MANIFEST).is_file():
+        raise RunError(f"'{out_dir}' already holds an augmented training set ({MANIFEST}); choose another --out "
+                       "or delete the folder")
+    if generator_run is not None:
+        from diffmed.diffusion.generative import read_generator_meta
+
+        gen_classes = list(read_generator_meta(Path(generator_run))["spec"]["class_names"])
+    train = real_training_set(cfg, out_dir)
+    if generator_run is not None and gen_classes != list(train.class_names):
+        raise ConfigError(f"--generator '{generator_run}' makes classes {gen_classes} but the training set has "
+                          f"{list(train.class_names)}; use a generator trained on this dataset")
+    selection = select_misclassified(model_run, train) if model_run is not None else None
+    options: dict[str, Any] = {"methods": tuple(methods) if methods else COMBINED}
+    if generator_run is not None:
+        options.update(generator_run=Path(generator_run), generate_dir=out_dir / GENERATED_DIR,
+                       generate_options=dict(generate_options or {}))
+    augmented = build_augmented_train(train, strategy, producer, seed=seed, k=k,
+                                      candidates=None if selection is None else selection.rows, **options)
+    new = augmented.subset(augmented.synthetic)
+    csv = write_manifest(new, out_dir)
+    result = AugmentResult(csv, dict(zip(train.class_names, train.class_counts().tolist())),
+                           dict(zip(train.class_names, new.class_counts().tolist())), selection)
+    atomic_write_json(out_dir / AUGMENT_FILE, {
+        "strategy": strategy, "producer": producer, "methods": list(options["methods"]), "k": k, "seed": seed,
+        "generator_run": None if generator_run is None else str(generator_run),
+        "generate_options": None if generator_run is None else generate_options or {},
+        "model_run": None if model_run is None else str(model_run),
+        "data": cfg.data.model_dump(mode="json"), "real_counts": result.real_counts, "added": result.added,
+        "misclassified": None if selection is None else selection.to_json()})
+    return result
+
+
 __all__ = [
-    "AugmentPlan", "GeneratorProducer", "MANIFEST", "ManifestProducer", "MixedProducer", "PRODUCERS", "Producer",
-    "STRATEGIES", "THESIS_MAJORITY_FRACTION", "THESIS_MINORITY_COPIES", "TraditionalProducer",
-    "boundary_distances", "build_augmented_train", "check_train_set", "features_from_run", "make_producer",
+    "AUGMENT_FILE", "AugmentPlan", "AugmentResult", "GeneratorProducer", "MANIFEST", "ManifestProducer",
+    "MisclassifiedSelection", "MixedProducer", "PRODUCERS", "Producer", "STRATEGIES", "THESIS_MAJORITY_FRACTION",
+    "THESIS_MINORITY_COPIES", "TraditionalProducer", "augment_to_manifest", "boundary_distances",
+    "build_augmented_train", "check_augment_options", "check_train_set", "features_from_run", "make_producer",
     "misclassified_candidates", "plan_balanced", "plan_from_sources", "plan_misclassified", "plan_strategy",
-    "plan_unbalanced",
-    "write_manifest",
+    "plan_unbalanced", "read_manifest", "select_misclassified", "write_manifest",
 ]

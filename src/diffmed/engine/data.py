@@ -27,13 +27,29 @@ class PreparedData:
     """Training targets before the label policy (to find the uncertain entries to relabel)."""
 
 
+def _manifest_columns(manifest: str, cfg: RunConfig) -> dict:
+    """Path/label columns to read a synthetic manifest with: the dataset's own when the manifest has them,
+    else ``path``/``label``, the layout ``diffmed generate`` and ``diffmed augment`` write (so a CSV dataset
+    labelled by e.g. ``dx`` still takes their manifests)."""
+    import pandas as pd
+
+    own = {"path_column": cfg.data.path_column, "label_columns": list(cfg.data.label_columns)}
+    if not Path(manifest).is_file() or Path(manifest).suffix.lower() != ".csv":
+        return own  # load_source reports a missing file or reads a folder as usual
+    columns = set(pd.read_csv(manifest, nrows=0).columns)
+    if {own["path_column"], *own["label_columns"]} <= columns or not {"path", "label"} <= columns:
+        return own
+    return {"path_column": "path", "label_columns": ["label"]}
+
+
 def _synthetic_sets(cfg: RunConfig, real: LabelledSet) -> list[LabelledSet]:
     """Generated images from manifests, for the training split only, with the real set's class order."""
     out = []
     for manifest in cfg.data.synthetic:
         syn_cfg = cfg.data.model_copy(update={"source": manifest, "csv": None, "image_root": None,
                                               "class_names": real.class_names, "group_column": None,
-                                              "split_column": None, "synthetic": []})
+                                              "split_column": None, "synthetic": [],
+                                              **_manifest_columns(manifest, cfg)})
         syn = load_source(syn_cfg, allow_empty_classes=True)  # a manifest may hold only rare classes
         syn.synthetic = np.ones(len(syn), bool)
         out.append(syn)
@@ -73,6 +89,14 @@ def prepare_data(cfg: RunConfig, run_dir: Path) -> PreparedData:
     selftrained = selftrained_columns(ds, cfg.data.uncertain_policy)
     raw_train = raw_targets[splits["train"]] if selftrained else None
     return PreparedData(sets, spec, selftrained, raw_train)
+
+
+def real_training_set(cfg: RunConfig, run_dir: Path) -> LabelledSet:
+    """The real images of the training split exactly as ``prepare_data`` makes it (``splits.json`` in
+    ``run_dir`` reused or written, ``data.train_fraction`` applied), without any ``data.synthetic`` images:
+    what generators are trained on, evaluated against and offline augmentation starts from."""
+    real_only = cfg.model_copy(update={"data": cfg.data.model_copy(update={"synthetic": []})})
+    return prepare_data(real_only, Path(run_dir)).sets["train"]
 
 
 def make_datamodule(cfg: RunConfig, data: PreparedData, balanced_sampler: bool = False) -> DataModule:

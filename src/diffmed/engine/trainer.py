@@ -66,7 +66,11 @@ def build_trainer(cfg: TrainConfig, out_dir: Path, max_epochs: int | None = None
     ema = cfg.ema_decay if ema_decay == -1.0 else ema_decay
     callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=out_dir / CKPT_DIR, filename="best", monitor=monitor, mode=mode, save_top_k=1,
-                        save_last=True, auto_insert_metric_name=False, enable_version_counter=False),
+                        auto_insert_metric_name=False, enable_version_counter=False),
+        # its own callback: Lightning's save_last only writes when "best" improved, so an epoch without
+        # improvement left last.ckpt stale and a resume after a kill silently redid those epochs
+        ModelCheckpoint(dirpath=out_dir / CKPT_DIR, filename="last", monitor=None, save_top_k=1,
+                        auto_insert_metric_name=False, enable_version_counter=False),
         EpochReseed(cfg.seed),
     ]
     if cfg.early_stopping_patience:

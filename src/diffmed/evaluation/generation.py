@@ -14,13 +14,16 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from diffmed.errors import ConfigError
+
+if TYPE_CHECKING:
+    from diffmed.data.types import LabelledSet
 
 log = logging.getLogger("diffmed.evaluation")
 
@@ -297,8 +300,7 @@ def train_domain_feature_extractor(images: np.ndarray, labels: np.ndarray, epoch
         raise ValueError(f"need one label per image and at least 2 images; got {len(images)} images, "
                          f"{len(labels)} labels")
     num_classes = int(labels.max()) + 1
-    settings = {"backbone": backbone, "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr,
-                "num_classes": num_classes}
+    settings = _domain_settings(labels, backbone, epochs, seed, batch_size, lr)
     info = {"backbone": backbone, "channels": int(images.shape[-1]), "num_classes": num_classes,
             "image_size": int(images.shape[1]), **settings}
     dev = _pick_device(device)
@@ -319,18 +321,61 @@ def train_domain_feature_extractor(images: np.ndarray, labels: np.ndarray, epoch
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    tag = f"domain:{backbone}:{_training_hash(ids, images, labels, settings)}"
-    return DomainFeatures(model, tag, info, dev)
+    return DomainFeatures(model, domain_tag(images, labels, ids, backbone, epochs, seed, batch_size, lr), info, dev)
+
+
+def _domain_settings(labels: np.ndarray, backbone: str, epochs: int, seed: int, batch_size: int, lr: float) -> dict:
+    return {"backbone": backbone, "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr,
+            "num_classes": int(np.asarray(labels).astype(np.int64).max()) + 1}
+
+
+def domain_tag(images: np.ndarray, labels: np.ndarray, ids: Sequence[str] | None = None,
+               backbone: str = DOMAIN_BACKBONE, epochs: int = 5, seed: int = 0, batch_size: int = 128,
+               lr: float = 1e-3) -> str:
+    """The feature-space tag :func:`train_domain_feature_extractor` gives for these images and settings."""
+    labels = np.asarray(labels).astype(np.int64)
+    settings = _domain_settings(labels, backbone, epochs, seed, batch_size, lr)
+    return f"domain:{backbone}:{_training_hash(ids, images, labels, settings)}"
+
+
+def domain_extractor(images: np.ndarray, labels: np.ndarray, ids: Sequence[str] | None = None, epochs: int = 5,
+                     seed: int = 0, cache: str | Path | None = None,
+                     device: str | torch.device | None = None) -> DomainFeatures:
+    """:func:`train_domain_feature_extractor`, reused from / saved to the safetensors file ``cache``.
+
+    A cached extractor is reused only when its tag is the one these images, labels and settings give
+    (so a file left by other data or other settings is retrained and replaced, never silently reused).
+    """
+    import os
+
+    from safetensors import safe_open
+
+    if cache is not None and Path(cache).is_file():
+        with safe_open(str(cache), framework="pt") as f:
+            cached_tag = (f.metadata() or {}).get("tag")
+        if cached_tag == domain_tag(images, labels, ids, epochs=epochs, seed=seed):
+            return DomainFeatures.load(cache, device)
+        log.info("feature extractor %s was trained on other data or settings: retraining it", cache)
+    fx = train_domain_feature_extractor(images, labels, epochs, seed, ids, device=device)
+    if cache is not None:
+        cache = Path(cache)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.tmp")
+        fx.save(tmp)
+        os.replace(tmp, cache)
+    return fx
 
 
 def default_extractor(real_images: np.ndarray, real_labels: np.ndarray, ids: Sequence[str] | None = None,
                       epochs: int = 5, seed: int = 0, prefer_inception: bool = True,
-                      device: str | torch.device | None = None) -> FeatureExtractor:
-    """Inception features when their weights are on disk (and preferred), else a domain extractor."""
+                      device: str | torch.device | None = None, cache: str | Path | None = None) -> FeatureExtractor:
+    """Inception features when their weights are on disk (and preferred), else a domain extractor
+    (trained on the real images, or reused from ``cache``: see :func:`domain_extractor`)."""
     if prefer_inception and find_inception_weights() is not None:
         return InceptionFeatures(device=device)
-    log.info("Inception-v3 weights not in %s: training a domain feature extractor", torch.hub.get_dir())
-    return train_domain_feature_extractor(real_images, real_labels, epochs, seed, ids, device=device)
+    if prefer_inception:
+        log.info("Inception-v3 weights not in %s: using a domain feature extractor", torch.hub.get_dir())
+    return domain_extractor(real_images, real_labels, ids, epochs, seed, cache, device)
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -386,3 +431,101 @@ def generation_report(real_by_class: dict[str, np.ndarray], fake_by_class: dict[
     overall = _metrics(np.concatenate(feats_r), np.concatenate(feats_f),
                        {key: np.concatenate(v) for key, v in pix.items()}, k, kid_subsets, kid_subset_size, seed)
     return {"feature_space": extractor.tag, "per_class": per_class, "overall": overall}
+
+
+# ---------------------------------------------------------------------------------- generated sets
+def images_by_class(ds: "LabelledSet", per_class: int | None = None) -> dict[str, np.ndarray]:
+    """(N, H, W, C) images of each class of a single-label set (the first ``per_class`` of each)."""
+    if ds.task == "multilabel":
+        raise ConfigError("generation quality is measured per class of single-label data")
+    targets = np.asarray(ds.targets).astype(int)
+    return {name: ds.images[targets == k][:per_class] for k, name in enumerate(ds.class_names)}
+
+
+def evaluate_generated(real_by_class: dict[str, np.ndarray], generated: "LabelledSet", extractor: FeatureExtractor,
+                       per_class: int | None = None, seed: int = 0,
+                       real_features: dict[str, np.ndarray] | None = None) -> dict:
+    """:func:`generation_report` of a set of generated images (the first ``per_class`` of each class).
+
+    Classes with fewer than 2 generated images (e.g. the majority class of a ``--balance-to`` manifest)
+    are left out and listed under ``not_evaluated`` with their image count.
+    """
+    from diffmed.errors import DataError
+
+    fake = images_by_class(generated, per_class)
+    too_few = {name: len(images) for name, images in fake.items() if len(images) < 2}
+    fake = {name: images for name, images in fake.items() if name not in too_few}
+    if not fake:
+        raise DataError(f"'{generated.source}' has fewer than 2 generated images in every class ({too_few}); "
+                        "generation quality needs at least 2 per class")
+    report = generation_report(real_by_class, fake, extractor, seed=seed, real_features=real_features)
+    if too_few:
+        report["not_evaluated"] = too_few
+    return report
+
+
+GENERATION_EVAL = "generation_eval"
+"""Folder of a generator run holding ``diffmed generator eval``'s samples and feature extractor."""
+FEATURE_CHOICES = ("auto", "domain", "inception")
+
+
+def evaluate_generator(run_dir: str | Path, per_class: int | None = None, steps: int = 50, sampler: str = "ddim",
+                       guidance: float = 1.0, seed: int = 0, synthetic: str | Path | None = None,
+                       features: str = "auto", feature_epochs: int = 5, batch_size: int = 64,
+                       out: str | Path | None = None, default_per_class: int = 100) -> dict:
+    """``diffmed generator eval``: per-class quality of a generator run's images against its real training images.
+
+    The generated images are ``per_class`` (default ``default_per_class``) images per class sampled with
+    :func:`diffmed.diffusion.generate.generate` into ``RUN/generation_eval/<sampler><steps>-g<guidance>-s<seed>/``
+    (resumable, reused), or read from an existing ``synthetic`` manifest. The reference is the real
+    training split of the run (its ``config.yaml`` and ``splits.json``). ``features``: ``auto`` (Inception
+    when its weights are on disk, else the domain extractor), ``domain`` (a classifier trained on the real
+    training images, cached in ``RUN/generation_eval/``) or ``inception``. The report (see
+    :func:`generation_report`, plus ``generator_run``, ``generated`` and ``feature_extractor``) is written
+    as JSON to ``out`` (default ``RUN/generation_eval.json``) and returned.
+    """
+    from diffmed.augment.strategies import read_manifest
+    from diffmed.config import load_config
+    from diffmed.diffusion.generative import read_generator_meta
+    from diffmed.engine.checkpoint import atomic_write_json
+    from diffmed.engine.data import real_training_set
+    from diffmed.engine.run import CONFIG_FILE
+
+    if features not in FEATURE_CHOICES:
+        raise ConfigError(f"--features '{features}' is not one of {', '.join(FEATURE_CHOICES)}")
+    if per_class is not None and per_class < 2:
+        raise ConfigError(f"--per-class {per_class}: generation metrics need at least 2 images per class")
+    run_dir = Path(run_dir)
+    meta = read_generator_meta(run_dir)
+    run = next((d for d in (run_dir, run_dir.parent) if (d / CONFIG_FILE).is_file()), None)
+    if run is None:
+        raise ConfigError(f"'{run_dir}' is not a generator run folder (no {CONFIG_FILE}): give the folder "
+                          "`diffmed generator train --out` wrote; its config and splits name the real training images")
+    train = real_training_set(load_config(run / CONFIG_FILE), run)
+    names = list(meta["spec"]["class_names"])
+    if names != list(train.class_names):
+        raise ConfigError(f"the generator's classes {names} differ from its training data's {list(train.class_names)}")
+    work = run / GENERATION_EVAL
+    if synthetic is not None:
+        generated = read_manifest(synthetic, train)
+        source = {"manifest": str(synthetic)}
+    else:
+        from diffmed.diffusion.generate import generate
+
+        n = per_class or default_per_class
+        res = generate(run, work / f"{sampler}{steps}-g{guidance:g}-s{seed}", per_class=n, steps=steps,
+                       sampler=sampler, guidance=guidance, seed=seed, batch_size=batch_size)
+        generated, per_class = read_manifest(res.manifest, train), n
+        source = {"manifest": str(res.manifest), "per_class": n, "steps": steps, "sampler": sampler,
+                  "guidance": guidance, "seed": seed, "images_per_second": res.images_per_second}
+    if features == "inception":
+        extractor: FeatureExtractor = InceptionFeatures()
+    else:
+        extractor = default_extractor(train.images, train.targets, train.ids, feature_epochs, seed,
+                                      prefer_inception=features == "auto",
+                                      cache=work / f"domain-e{feature_epochs}-s{seed}.safetensors")
+    report = evaluate_generated(images_by_class(train), generated, extractor, per_class, seed)
+    report.update({"generator_run": str(run), "generated": source,
+                   "feature_extractor": getattr(extractor, "info", {"weights": str(find_inception_weights())})})
+    atomic_write_json(Path(out) if out is not None else run / f"{GENERATION_EVAL}.json", report)
+    return report
