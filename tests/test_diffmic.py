@@ -121,6 +121,16 @@ def test_heterologous_timesteps_per_point_vanilla_per_instance():
     assert (t6 == t6[:, :1, :1]).all() and t6.flatten().unique().numel() > 1
 
 
+def test_point_timesteps_stay_in_their_band_unless_drawn_independently():
+    torch.manual_seed(0)
+    banded = make(point_timestep_band=0.05).train_timesteps(256, torch.device("cpu")).flatten(1)
+    spread = banded.max(1).values - banded.min(1).values
+    assert (spread <= 100).all() and (spread > 0).all() and banded.min() >= 0 and banded.max() <= 999
+    assert banded.float().mean(1).std() > 200  # the instances' shared t still covers the chain
+    free = make(point_timestep_band=None).train_timesteps(256, torch.device("cpu")).flatten(1)
+    assert (free.max(1).values - free.min(1).values).float().mean() > 500  # the paper's independent draw
+
+
 def test_per_point_noising_uses_each_points_own_timestep():
     m = make()
     z0 = torch.rand(2, 2, 4, 4)
