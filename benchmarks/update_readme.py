@@ -20,6 +20,7 @@ def table_for(name: str) -> str:
         return f"Not run yet: `benchmarks/{name}.py` writes `benchmarks/results/{name}/results.md`."
     body = path.read_text().strip()
     body = re.sub(r"^# .*\n+", "", body)  # the README section has its own heading
+    body = re.sub(r"^## ", "#### ", body, flags=re.M)  # nest sub-headings under the README's ### section
     return f"{body}\n\n(from `benchmarks/results/{name}/results.md`)"
 
 
