@@ -79,6 +79,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=20, help="classifier epochs (MedMNIST schedule shape)")
     ap.add_argument("--generator-epochs", type=int, default=200)
     ap.add_argument("--generator-size", default="small", choices=["tiny", "small", "base"])
+    ap.add_argument("--generator-batch-size", type=int, default=None, help="default: train.batch_size")
+    ap.add_argument("--generator-lr", type=float, default=2e-4)
     ap.add_argument("--arms", nargs="+", default=["all"], help="arm names or groups a-e (default all)")
     ap.add_argument("--ddim-steps", type=int, default=50)
     ap.add_argument("--ddpm-steps", type=int, default=1000)
@@ -87,6 +89,8 @@ def parse_args() -> argparse.Namespace:
                     help="generated images per class in the generation table")
     ap.add_argument("--feature-epochs", type=int, default=5, help="epochs of the domain feature extractor")
     ap.add_argument("--no-generation-table", action="store_true")
+    ap.add_argument("--generation-seeds", nargs="+", type=int, default=None,
+                    help="seeds that get the generation table (default: every seed)")
     ap.add_argument("--limit-train-batches", type=float, default=None)
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--quick", action="store_true",
@@ -187,8 +191,11 @@ class Bench:
             return run_dir
         overrides = [*dataset_overrides(DATASET, a.data_dir), f"train.seed={seed}", "train.progress=false",
                      f"train.max_epochs={a.generator_epochs}", *self.limit_override()]
+        if a.generator_batch_size:
+            overrides.append(f"train.batch_size={a.generator_batch_size}")
         params = {"use_contrastive": contrastive, "size": a.generator_size, "max_epochs": a.generator_epochs,
-                  "sample_every_n_epochs": None if a.quick else 25}
+                  "lr": a.generator_lr,
+                  "sample_every_n_epochs": None if a.quick else 5}
         resume = (run_dir / CONFIG_FILE).is_file()
         _reset_peak()
         start = time.perf_counter()
@@ -219,13 +226,17 @@ class Bench:
         need = np.zeros(len(self.train.class_names), int)
         for s in strategies:
             need = np.maximum(need, self.plan(s, seed).class_counts(self.train))
-        if not self.args.no_generation_table:
+        if self.wants_generation_table(seed):
             need = np.maximum(need, self.args.eval_per_class)
         counts = {c: int(n) for c, n in zip(self.train.class_names, need) if n > 0}
         name = f"lcont-ddim{self.args.ddim_steps}-s{seed}-" + "-".join(f"{c}{n}" for c, n in counts.items())
         return self.sample(self.generator(seed), name, counts, "ddim", self.args.ddim_steps, seed)
 
     # --- generation quality --------------------------------------------------------------------------
+    def wants_generation_table(self, seed: int) -> bool:
+        a = self.args
+        return not a.no_generation_table and (a.generation_seeds is None or seed in a.generation_seeds)
+
     def extractor(self, seed: int):
         from diffmed.evaluation.generation import domain_extractor
 
@@ -315,7 +326,7 @@ def main() -> None:
         cand = args.work / "aug" / f"candidates-s{seed}.json"
         if cand.is_file():
             results["candidates"][seed] = {k: v for k, v in json.loads(cand.read_text()).items() if k != "rows"}
-        if not args.no_generation_table and any(ARMS[n].group in "de" for n in args.arms):
+        if bench.wants_generation_table(seed) and any(ARMS[n].group in "de" for n in args.arms):
             results["generation"][seed] = bench.generation_table(seed)
 
     rows = []

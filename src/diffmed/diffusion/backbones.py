@@ -38,7 +38,9 @@ MIDDLE = "mid_block"
 # UNet presets: channels per resolution level (truncated to the levels the image size needs),
 # ResNet layers per level, and the largest resolution that gets self-attention.
 _UNET_PRESETS = {
-    "tiny": {"widths": (16, 32), "layers": 1, "attn_res": 0, "groups": 8},
+    # tiny: three levels, so a 28 px image reaches a 7 px bottleneck with attention there (two levels and
+    # no attention (a 14 px bottleneck) drew no lung structure in 4 epochs on PneumoniaMNIST); about 1.4x the old cost
+    "tiny": {"widths": (16, 32, 64), "layers": 1, "attn_res": 8, "groups": 8},
     "small": {"widths": (64, 128, 128, 256, 256, 256), "layers": 2, "attn_res": 16, "groups": 32},
     "base": {"widths": (128, 256, 256, 512, 512, 512), "layers": 2, "attn_res": 16, "groups": 32},
 }
