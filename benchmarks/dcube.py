@@ -141,8 +141,6 @@ def arm_results(args: argparse.Namespace, dataset: str, arm: str) -> dict:
     return {"summary": summarize([m for m, _ in runs], METRICS), "dirs": [d for _, d in runs]}
 
 
-
-
 def selections(dirs: list[Path]) -> list[dict]:
     """The layers each run used (from its stage's selection JSON)."""
     out = []
@@ -154,12 +152,6 @@ def selections(dirs: list[Path]) -> list[dict]:
 
 
 # ------------------------------------------------------------------ tables
-
-
-
-
-
-
 
 
 MAIN_HEADER = ["method", "test ACC", "balanced ACC", "macro-F1", "test AUC", "ACC 95% CI per seed",

@@ -92,6 +92,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--generation-seeds", nargs="+", type=int, default=None,
                     help="seeds that get the generation table (default: every seed)")
     ap.add_argument("--limit-train-batches", type=float, default=None)
+    ap.add_argument("--equal-steps", action="store_true",
+                    help="every arm trains as many batches per epoch as arm a (real images only) does, so an "
+                         "augmented arm gets the same optimisation budget, on a fresh random subset each epoch")
+    ap.add_argument("--no-lcont-ablation", action="store_true",
+                    help="leave the generator without L_Cont out of the generation table (saves one generator)")
+    ap.add_argument("--prepare-generators", action="store_true",
+                    help="only train the seeds' generators and sample their pools, then exit (to run beside arms)")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--quick", action="store_true",
                     help="1 seed, 1 epoch, 2 batches per epoch, tiny generator: checks the pipeline, not the method")
@@ -139,10 +146,14 @@ class Bench:
         out = [*dataset_overrides(DATASET, a.data_dir), "method.name=baseline", "method.params.backbone=resnet18",
                f"train.max_epochs={a.epochs}", f"train.seed={seed}", "train.monitor=val/auc",
                "train.progress=false", f"eval.bootstrap={a.bootstrap}"]
-        return out + self.limit_override()
+        return out + self.limit_override(self.real_batches() if self.args.equal_steps else None)
 
-    def limit_override(self) -> list[str]:
-        limit = self.args.limit_train_batches
+    def real_batches(self) -> int:
+        """Batches per epoch of arm a: the real training images at the default batch size."""
+        return -(-len(self.train) // load_config(None).train.batch_size)
+
+    def limit_override(self, default: int | None = None) -> list[str]:
+        limit = self.args.limit_train_batches or default
         if not limit:
             return []
         return [f"train.limit_train_batches={int(limit) if limit >= 1 else limit}"]
@@ -258,10 +269,11 @@ class Bench:
             f"diffusion L_Cont, DDPM {a.ddpm_steps}": self.sample(self.generator(seed),
                                                                    f"lcont-ddpm{a.ddpm_steps}-s{seed}", counts,
                                                                    "ddpm", a.ddpm_steps, seed),
-            f"diffusion no L_Cont, DDIM {a.ddim_steps}": self.sample(self.generator(seed, contrastive=False),
-                                                                      f"plain-ddim{a.ddim_steps}-s{seed}", counts,
-                                                                      "ddim", a.ddim_steps, seed),
         }
+        if not a.no_lcont_ablation:
+            sources[f"diffusion no L_Cont, DDIM {a.ddim_steps}"] = self.sample(
+                self.generator(seed, contrastive=False), f"plain-ddim{a.ddim_steps}-s{seed}", counts, "ddim",
+                a.ddim_steps, seed)
         real = images_by_class(self.train)
         fx, out = self.extractor(seed), {}
         real_f = class_features(real, fx)
@@ -316,6 +328,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args()
     bench = Bench(args)
+    if args.prepare_generators:
+        for seed in args.seeds:
+            print("pool ready:", bench.pool(seed))
+        return
     results: dict = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                      "train_counts": dict(zip(bench.train.class_names, bench.train.class_counts().tolist())),
                      "arms": {}, "comparisons": {}, "generation": {}, "candidates": {}}
@@ -355,7 +371,9 @@ def main() -> None:
     md = [f"# Synthetic rebalancing vs traditional augmentation ({DATASET}, ResNet-18 28 px)\n",
           f"Train counts {results['train_counts']}; seeds {args.seeds}; classifier epochs {args.epochs}; "
           f"generator epochs {args.generator_epochs} ({args.generator_size}); "
-          f"limit_train_batches {args.limit_train_batches}.\n",
+          f"limit_train_batches {args.limit_train_batches}; "
+          + (f"equal steps: every arm trains {bench.real_batches()} batches per epoch (arm a's).\n"
+             if args.equal_steps else "every arm trains on all its images each epoch.\n"),
           "## Test metrics (mean ± sd over seeds; per-seed 95% bootstrap CIs)\n",
           markdown_table(["arm", "group", "strategy", "synthetic images", "balanced acc", "macro-F1", "AUC",
                           "Cohen's kappa", "train s"], rows),
