@@ -8,6 +8,7 @@ classifier (ResNet-18, 28 px, method ``baseline``, MedMNIST schedule) is trained
   c  trad-<strategy>      traditional augmentation (the thesis's combined policy), offline
   d  diff-<strategy>      images from the class-conditional diffusion model (L_Gen = L_Diff + L_Cont)
   e  mixed-<strategy>     each planned image traditional or diffusion with probability 0.5 (thesis 4.5)
+  f  dcube                D-Cube (issue 5) on the hyper-features of the same seed's generator, real images only
 
 with strategies unbalanced | balanced | misclassified (``diffmed.augment.strategies``). The misclassified
 strategy uses the arm-a model of the same seed (penultimate features, PCA, distance to the boundary).
@@ -51,7 +52,8 @@ log = logging.getLogger("rebalance")
 DATASET = "pneumoniamnist_imbalanced"
 METRICS = ("balanced_acc", "f1_macro", "auc", "kappa")
 GROUPS = {"a": "no augmentation", "b": "class-weighted loss", "c": "traditional", "d": "diffusion",
-          "e": "traditional + diffusion"}
+          "e": "traditional + diffusion", "f": "D-Cube on the same generator"}
+RESNET18 = ("method.name=baseline", "method.params.backbone=resnet18")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Arm:
     strategy: str | None = None
     producer: str | None = None
     overrides: tuple[str, ...] = ()
+    method: tuple[str, ...] = RESNET18
 
 
 ARMS = {a.name: a for a in [
@@ -69,6 +72,7 @@ ARMS = {a.name: a for a in [
     *(Arm(f"trad-{s}", "c", s, "traditional") for s in STRATEGIES),
     *(Arm(f"diff-{s}", "d", s, "diffusion") for s in STRATEGIES),
     *(Arm(f"mixed-{s}", "e", s, "mixed") for s in STRATEGIES),
+    Arm("dcube", "f", method=("method.name=dcube",)),  # reads the seed's L_Cont generator, trained once
 ]}
 
 
@@ -143,9 +147,8 @@ class Bench:
     # --- classifier runs ------------------------------------------------------------------------
     def classifier_overrides(self, seed: int) -> list[str]:
         a = self.args
-        out = [*dataset_overrides(DATASET, a.data_dir), "method.name=baseline", "method.params.backbone=resnet18",
-               f"train.max_epochs={a.epochs}", f"train.seed={seed}", "train.monitor=val/auc",
-               "train.progress=false", f"eval.bootstrap={a.bootstrap}"]
+        out = [*dataset_overrides(DATASET, a.data_dir), f"train.max_epochs={a.epochs}", f"train.seed={seed}",
+               "train.monitor=val/auc", "train.progress=false", f"eval.bootstrap={a.bootstrap}"]
         return out + self.limit_override(self.real_batches() if self.args.equal_steps else None)
 
     def real_batches(self) -> int:
@@ -162,7 +165,9 @@ class Bench:
         return self.args.work / "runs" / f"{arm}-s{seed}"
 
     def run_arm(self, arm: Arm, seed: int) -> dict:
-        overrides = self.classifier_overrides(seed) + list(arm.overrides)
+        overrides = self.classifier_overrides(seed) + list(arm.method) + list(arm.overrides)
+        if arm.group == "f":
+            overrides.append(f"method.params.generator_run={self.generator(seed)}")
         if arm.strategy is not None:
             overrides.append(f"data.synthetic=[{self.augmented_manifest(arm, seed)}]")
         return run_or_resume(overrides, self.run_dir(arm.name, seed))
@@ -359,6 +364,7 @@ def main() -> None:
 
     pairs = [(n, "none") for n in runs if n != "none"]
     pairs += [(f"diff-{s}", f"trad-{s}") for s in STRATEGIES if f"diff-{s}" in runs and f"trad-{s}" in runs]
+    pairs += [("dcube", n) for n in runs if "dcube" in runs and ARMS[n].group in "bcd"]
     comp_rows = []
     for a, b in pairs:
         res = compare(bench, a, b, args.seeds)
@@ -371,9 +377,7 @@ def main() -> None:
     md = [f"# Synthetic rebalancing vs traditional augmentation ({DATASET}, ResNet-18 28 px)\n",
           f"Train counts {results['train_counts']}; seeds {args.seeds}; classifier epochs {args.epochs}; "
           f"generator epochs {args.generator_epochs} ({args.generator_size}); "
-          f"limit_train_batches {args.limit_train_batches}; "
-          + (f"equal steps: every arm trains {bench.real_batches()} batches per epoch (arm a's).\n"
-             if args.equal_steps else "every arm trains on all its images each epoch.\n"),
+          f"{epoch_budget(bench)}.\n",
           "## Test metrics (mean ± sd over seeds; per-seed 95% bootstrap CIs)\n",
           markdown_table(["arm", "group", "strategy", "synthetic images", "balanced acc", "macro-F1", "AUC",
                           "Cohen's kappa", "train s"], rows),
@@ -386,6 +390,15 @@ def main() -> None:
     md += generation_markdown(results["generation"], bench.train.class_names)
     write_results(args.out, "results", results, "\n".join(md))
     print("\n".join(md))
+
+
+def epoch_budget(bench: Bench) -> str:
+    a = bench.args
+    if a.limit_train_batches:
+        return f"limit_train_batches {a.limit_train_batches}"
+    if a.equal_steps:
+        return f"equal steps: every arm trains {bench.real_batches()} batches per epoch, as many as arm a"
+    return "every arm trains on all its images each epoch"
 
 
 def generation_markdown(generation: dict, class_names: list[str]) -> list[str]:
