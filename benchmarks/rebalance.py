@@ -14,7 +14,7 @@ with strategies unbalanced | balanced | misclassified (``diffmed.augment.strateg
 strategy uses the arm-a model of the same seed (penultimate features, PCA, distance to the boundary).
 Augmented images are written as PNGs + ``manifest.csv`` and mixed into the training split through
 ``data.synthetic`` -- the one path both producers take. One generator is trained per seed and one pool of
-DDIM samples serves every diffusion arm.
+samples (``--pool-sampler``) serves every diffusion arm.
 
 Reported: test balanced accuracy, macro-F1, AUC, Cohen's kappa (mean +- sd over seeds, per-seed 95%
 bootstrap CIs); McNemar and paired-bootstrap p-values of every arm against (a) and of (d) against (c);
@@ -88,6 +88,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--arms", nargs="+", default=["all"], help="arm names or groups a-e (default all)")
     ap.add_argument("--ddim-steps", type=int, default=50)
     ap.add_argument("--ddpm-steps", type=int, default=1000)
+    ap.add_argument("--pool-sampler", default="ddim", choices=["ddim", "ddpm"],
+                    help="sampler of the images the diffusion arms train on (steps: --ddim-steps / --ddpm-steps)")
     ap.add_argument("--guidance", type=float, default=1.0)
     ap.add_argument("--eval-per-class", type=int, default=500,
                     help="generated images per class in the generation table")
@@ -237,7 +239,7 @@ class Bench:
         return out / MANIFEST
 
     def pool(self, seed: int) -> Path:
-        """One DDIM pool per seed: per class the most any requested diffusion strategy (or the table) needs."""
+        """One sample pool per seed: per class the most any requested diffusion strategy (or the table) needs."""
         strategies = sorted({ARMS[n].strategy for n in self.args.arms if ARMS[n].group in "de"})
         need = np.zeros(len(self.train.class_names), int)
         for s in strategies:
@@ -245,8 +247,19 @@ class Bench:
         if self.wants_generation_table(seed):
             need = np.maximum(need, self.args.eval_per_class)
         counts = {c: int(n) for c, n in zip(self.train.class_names, need) if n > 0}
-        name = f"lcont-ddim{self.args.ddim_steps}-s{seed}-" + "-".join(f"{c}{n}" for c, n in counts.items())
-        return self.sample(self.generator(seed), name, counts, "ddim", self.args.ddim_steps, seed)
+        sampler, steps = self.args.pool_sampler, self.steps(self.args.pool_sampler)
+        name = f"lcont-{sampler}{steps}-s{seed}-" + "-".join(f"{c}{n}" for c, n in counts.items())
+        return self.sample(self.generator(seed), name, counts, sampler, steps, seed)
+
+    def steps(self, sampler: str) -> int:
+        return self.args.ddim_steps if sampler == "ddim" else self.args.ddpm_steps
+
+    def lcont_samples(self, seed: int, sampler: str, counts: dict[str, int]) -> Path:
+        """The L_Cont generator's images for the generation table: the training pool when it is this sampler's."""
+        if sampler == self.args.pool_sampler:
+            return self.pool(seed)
+        steps = self.steps(sampler)
+        return self.sample(self.generator(seed), f"lcont-{sampler}{steps}-s{seed}", counts, sampler, steps, seed)
 
     # --- generation quality --------------------------------------------------------------------------
     def wants_generation_table(self, seed: int) -> bool:
@@ -269,12 +282,9 @@ class Bench:
         a, names = self.args, self.train.class_names
         n = a.eval_per_class
         counts = {c: n for c in names}
-        sources = {
-            f"diffusion L_Cont, DDIM {a.ddim_steps}": self.pool(seed),
-            f"diffusion L_Cont, DDPM {a.ddpm_steps}": self.sample(self.generator(seed),
-                                                                   f"lcont-ddpm{a.ddpm_steps}-s{seed}", counts,
-                                                                   "ddpm", a.ddpm_steps, seed),
-        }
+        sources = {f"diffusion L_Cont, {sampler.upper()} {self.steps(sampler)}"
+                   + (" (training pool)" if sampler == a.pool_sampler else ""): self.lcont_samples(seed, sampler, counts)
+                   for sampler in ("ddim", "ddpm")}
         if not a.no_lcont_ablation:
             sources[f"diffusion no L_Cont, DDIM {a.ddim_steps}"] = self.sample(
                 self.generator(seed, contrastive=False), f"plain-ddim{a.ddim_steps}-s{seed}", counts, "ddim",
