@@ -45,6 +45,16 @@ def test_respaced_timesteps_are_evenly_spread_over_the_whole_chain(sampler, step
     assert (np.diff(ts) == -stride).all()  # evenly spread -- not the last `steps` timesteps of the chain
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
+def test_first_step_keeps_a_wrong_x0_estimate_in_the_data_range(sampler):
+    """At t = 999 a slightly wrong noise estimate implies |x0| ~ 80; the step must clip it to [-1, 1]."""
+    sched = sampling_scheduler(sampler, 10)
+    x, eps = torch.zeros(2, 1, 4, 4), torch.full((2, 1, 4, 4), 0.5)
+    prev = sched.step(eps, sched.timesteps[0], x).prev_sample
+    a_prev = sched.alphas_cumprod[sched.timesteps[1]]
+    bound = a_prev.sqrt() + 0.5 * (1 - a_prev).sqrt()  # DDIM: sqrt(a') * x0 + sqrt(1 - a') * eps with |x0| <= 1
+    assert prev.abs().max() <= bound + 1e-5
+
 def test_beta_schedules_and_velocity_target():
     lin, cos = training_scheduler("linear"), training_scheduler("cosine", "v_prediction")
     assert not torch.allclose(lin.alphas_cumprod, cos.alphas_cumprod)

@@ -24,6 +24,10 @@ SPACING = "trailing"
 
 _DIFFUSERS_BETAS = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 _SAMPLER_CLASSES = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler}
+# DDIM and DDPM clip their x0 estimate to the data range [-1, 1] by default (clip_sample); DPM-Solver's
+# counterpart is thresholding at 1. Without it the x0 estimate near t = T (the noise error amplified by
+# 1 / sqrt(alpha_bar)) drove DPM-Solver to saturated noise with a generator that DDIM sampled fine.
+_SAMPLER_OPTIONS = {"dpm": {"thresholding": True, "sample_max_value": 1.0}}
 
 
 def _common(beta_schedule: str, prediction_type: str, num_train_timesteps: int) -> dict:
@@ -51,7 +55,8 @@ def sampling_scheduler(sampler: Sampler, steps: int, beta_schedule: BetaSchedule
         raise ConfigError(f"sampler '{sampler}' is not one of {list(SAMPLERS)}")
     if not 1 <= steps <= num_train_timesteps:
         raise ConfigError(f"steps={steps} must be between 1 and num_train_timesteps={num_train_timesteps}")
-    sched = _SAMPLER_CLASSES[sampler](**_common(beta_schedule, prediction_type, num_train_timesteps))
+    sched = _SAMPLER_CLASSES[sampler](**_common(beta_schedule, prediction_type, num_train_timesteps),
+                                      **_SAMPLER_OPTIONS.get(sampler, {}))
     sched.set_timesteps(steps)
     return sched
 
