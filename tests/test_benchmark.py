@@ -47,3 +47,25 @@ def test_method_list_is_checked_and_always_has_the_baseline():
     assert parse_methods("class_weighted")[0] == "baseline"
     with pytest.raises(ConfigError, match="dcube"):
         parse_methods("dcub")
+
+
+def test_a_run_held_by_one_process_waits_for_it_in_another(tmp_path):
+    """Two benchmark processes needing the same run: the second enters only after the first is done."""
+    import threading
+    import time
+
+    from diffmed.bench import exclusive
+
+    order = []
+
+    def second():
+        with exclusive(tmp_path / "run"):
+            order.append("second")
+
+    with exclusive(tmp_path / "run"):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        time.sleep(0.3)
+        order.append("first done")
+    waiter.join(5)
+    assert order == ["first done", "second"]

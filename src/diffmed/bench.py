@@ -6,11 +6,13 @@ started, so rerunning a killed benchmark redoes nothing and gives the same table
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -30,17 +32,31 @@ def dataset_overrides(name: str, data_dir: Path) -> list[str]:
     return [f"data.source={data_dir / (name if name.endswith('.npz') else name + '.npz')}"]
 
 
+@contextmanager
+def exclusive(run_dir: Path) -> Iterator[None]:
+    """Hold ``RUN.lock`` beside ``run_dir``: a second process asking for the same run waits, then reads it."""
+    lock = run_dir.with_name(run_dir.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes, also when the process is killed
+        yield
+
+
 def run_or_resume(cfg: RunConfig | list[str], run_dir: Path) -> dict:
-    """Metrics of the run in ``run_dir``: read if finished, resumed if killed, trained otherwise."""
+    """Metrics of the run in ``run_dir``: read if finished, resumed if killed, trained otherwise.
+
+    Safe across processes: two benchmark processes that need the same run never train it twice.
+    """
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.json"
-    if not metrics.is_file():
-        if isinstance(cfg, list):
-            cfg = load_config(None, overrides=cfg)
-        resume = (run_dir / CONFIG_FILE).is_file()
-        log.warning("%s %s", "resuming" if resume else "training", run_dir)
-        os.environ.pop("DIFFMED_RUN_DIR", None)
-        train(cfg, run_dir, resume=resume)
+    with exclusive(run_dir):
+        if not metrics.is_file():
+            if isinstance(cfg, list):
+                cfg = load_config(None, overrides=cfg)
+            resume = (run_dir / CONFIG_FILE).is_file()
+            log.warning("%s %s", "resuming" if resume else "training", run_dir)
+            os.environ.pop("DIFFMED_RUN_DIR", None)
+            train(cfg, run_dir, resume=resume)
     return json.loads(metrics.read_text())
 
 
