@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,7 +33,6 @@ from diffmed.bench import (cost_ratio, dataset_overrides, fmt, markdown_table, p
                            run_or_resume, summarize, write_results)
 from diffmed.config import load_config
 from diffmed.diffusion.generative import GENERATOR_DIR, train_generator
-from diffmed.engine.checkpoint import atomic_write_json
 from diffmed.methods.dcube import TABLE_IV, TABLE_VI, TABLE_VII, read_selection
 
 log = logging.getLogger("benchmarks.dcube")
@@ -110,16 +108,14 @@ def generator(args: argparse.Namespace, dataset: str, seed: int, variant: str) -
     log.warning("%s generator %s", "resuming" if resume else "training", run_dir)
     os.environ.pop("DIFFMED_RUN_DIR", None)
     cfg = None if resume else load_config(None, data_overrides(args, dataset, seed, args.gen_epochs))
-    start = time.perf_counter()
     train_generator(cfg, run_dir, None if resume else generator_params(args, variant), resume=resume)
-    atomic_write_json(run_dir / "benchmark_cost.json", {"train_seconds": time.perf_counter() - start,
-                                                        "resumed": resume})
     return run_dir
 
 
 def generator_seconds(run_dir: Path) -> float | None:
-    path = run_dir / "benchmark_cost.json"
-    return json.loads(path.read_text())["train_seconds"] if path.is_file() else None
+    """Training seconds of a generator over all its segments (recorded in its model.json)."""
+    path = run_dir / GENERATOR_DIR / "model.json"
+    return json.loads(path.read_text()).get("train_seconds") if path.is_file() else None
 
 
 def run_arm(args: argparse.Namespace, dataset: str, seed: int, arm: str) -> tuple[dict, Path]:

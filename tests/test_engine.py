@@ -39,6 +39,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_pneumonia
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     ma, mb = (json.loads((d / "metrics.json").read_text())["test"] for d in (straight, killed))
     assert ma["auc"] == mb["auc"] and ma["acc"] == mb["acc"]
+    # the cost counts every segment: the images trained on before the kill are not forgotten
+    images = [c["train_images_per_second"] * c["train_seconds"]
+              for c in (json.loads((d / "metrics.json").read_text())["cost"] for d in (straight, killed))]
+    assert images[1] == pytest.approx(images[0], rel=1e-6)
     logged = pd.read_csv(killed / "logs" / "metrics.csv").dropna(subset=["val/auc"])
     assert sorted(logged["epoch"].unique()) == [0, 1, 2]  # the log before the kill is kept
 

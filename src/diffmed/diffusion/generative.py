@@ -281,7 +281,7 @@ def fit_generator(spec: TaskSpec, params: GenerativeParams | dict, datamodule: L
     The exported weights are those after the last epoch (EMA): a training-loss "best" is not a model
     selection criterion for a generator.
     """
-    from diffmed.engine.trainer import CKPT_DIR
+    from diffmed.engine.trainer import CKPT_DIR, training_clock
 
     out_dir = Path(out_dir)
     module = ClassConditionalDiffusion(spec, params, class_counts)
@@ -293,7 +293,8 @@ def fit_generator(spec: TaskSpec, params: GenerativeParams | dict, datamodule: L
                 weights_only=True)
     if trainer.is_global_zero:
         module.export(out_dir / GENERATOR_DIR, {**(meta or {}), "epochs": trainer.current_epoch,
-                                                "global_step": trainer.global_step})
+                                                "global_step": trainer.global_step,
+                                                "train_seconds": training_clock(trainer).seconds})
     return module
 
 

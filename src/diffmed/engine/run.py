@@ -17,7 +17,7 @@ from diffmed.engine.data import PreparedData, make_datamodule, prepare_data
 from diffmed.engine.evaluate import evaluate_split, write_test_results
 from diffmed.engine.inference import collect_outputs
 from diffmed.engine.seed import seed_all
-from diffmed.engine.trainer import CKPT_DIR, build_trainer
+from diffmed.engine.trainer import CKPT_DIR, build_trainer, training_clock
 from diffmed.errors import RunError
 from diffmed.methods import StageContext, create_method, method_params
 
@@ -72,15 +72,15 @@ def _fit(cfg: RunConfig, data: PreparedData, run_dir: Path, resume: bool):
     last = run_dir / CKPT_DIR / "last.ckpt"
     if resume and not last.is_file():
         log.warning("no last checkpoint in %s yet: starting the main fit from scratch", run_dir)
-    start = time.perf_counter()
     trainer.fit(method, datamodule=dm, ckpt_path=last if resume and last.is_file() else None, weights_only=True)
-    seconds = time.perf_counter() - start
+    clock = training_clock(trainer)
+    seconds = clock.seconds
     if not trainer.is_global_zero:
         return None, None
     best = run_dir / CKPT_DIR / "best.ckpt"
     method.load_state_dict(best_checkpoint_state(best if best.is_file() else last))
     cost = {"train_seconds": seconds, "epochs": trainer.current_epoch,
-            "train_images_per_second": method.images_seen / max(seconds, 1e-9), "peak_memory_mb": peak_memory_mb()}
+            "train_images_per_second": clock.images / max(seconds, 1e-9), "peak_memory_mb": peak_memory_mb()}
     return method, cost
 
 

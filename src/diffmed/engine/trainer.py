@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import time
 
 from pathlib import Path
 
@@ -38,6 +39,40 @@ class ResumableCSVLogger(CSVLogger):
         return self._experiment
 
 
+class TrainingClock(L.Callback):
+    """Wall-clock seconds and images of a fit, kept in its checkpoints: a resumed run's cost covers every
+    segment up to the checkpoint it resumed from, not only the time since the last resume."""
+
+    def __init__(self) -> None:
+        self._seconds_before, self._images_before = 0.0, 0
+        self._start: float | None = None
+        self._module: L.LightningModule | None = None
+        self._images_at_start = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start, self._module = time.perf_counter(), pl_module
+        self._images_at_start = getattr(pl_module, "images_seen", 0)
+
+    @property
+    def seconds(self) -> float:
+        return self._seconds_before + (time.perf_counter() - self._start if self._start is not None else 0.0)
+
+    @property
+    def images(self) -> int:
+        now = getattr(self._module, "images_seen", 0) if self._module is not None else self._images_at_start
+        return self._images_before + now - self._images_at_start
+
+    def state_dict(self) -> dict:
+        return {"seconds": self.seconds, "images": self.images}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._seconds_before, self._images_before = float(state_dict["seconds"]), int(state_dict["images"])
+
+
+def training_clock(trainer: L.Trainer) -> TrainingClock:
+    return next(c for c in trainer.callbacks if isinstance(c, TrainingClock))
+
+
 def resolve_precision(requested: str) -> str:
     """``auto``: bf16 mixed precision where the GPU supports it, full precision elsewhere (CPU)."""
     if requested != "auto":
@@ -72,6 +107,7 @@ def build_trainer(cfg: TrainConfig, out_dir: Path, max_epochs: int | None = None
         ModelCheckpoint(dirpath=out_dir / CKPT_DIR, filename="last", monitor=None, save_top_k=1,
                         auto_insert_metric_name=False, enable_version_counter=False),
         EpochReseed(cfg.seed),
+        TrainingClock(),
     ]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping_patience))
