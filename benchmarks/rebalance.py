@@ -312,6 +312,26 @@ class Bench:
         return TraditionalProducer()(self.train, plan_from_sources(rows), seed)
 
 
+def sample_figure(bench: Bench, seed: int, per_row: int = 8) -> list[str]:
+    """``samples_s{seed}.png`` beside the results: per class a row of real, traditionally augmented and
+    diffusion (training pool) images; returns its markdown."""
+    from PIL import Image
+
+    sources = {"real": bench.train, "traditional": bench.traditional_samples(per_row, seed),
+               "diffusion": read_manifest(bench.pool(seed), bench.train)}
+    rows, labels = [], []
+    for k, cls in enumerate(bench.train.class_names):
+        for name, src in sources.items():
+            idx = np.flatnonzero(src.targets == k)[:per_row]
+            if len(idx) == per_row:
+                rows.append(np.concatenate([np.pad(src.images[i, ..., 0], 1) for i in idx], axis=1))
+                labels.append(f"{cls} {name}")
+    path = bench.args.out / f"samples_s{seed}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows).astype(np.uint8)).save(path)
+    return [f"## Images (seed {seed}; rows top to bottom: {', '.join(labels)})\n", f"![samples]({path.name})\n"]
+
+
 def _reset_peak() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -400,6 +420,8 @@ def main() -> None:
                markdown_table(["seed", "misclassified", "selected (near boundary) per class"],
                               [[s, c["misclassified"], c["per_class"]] for s, c in results["candidates"].items()])]
     md += generation_markdown(results["generation"], bench.train.class_names)
+    if any(ARMS[n].group in "de" for n in args.arms):
+        md += sample_figure(bench, args.seeds[0])
     write_results(args.out, "results", results, "\n".join(md))
     print("\n".join(md))
 

@@ -12,6 +12,8 @@ from torchvision.transforms import InterpolationMode, v2
 from diffmed.errors import ConfigError
 
 NEAREST = InterpolationMode.NEAREST
+THESIS_SIZE = 256
+"""Side in pixels of the thesis's images (cropped to 256 x 256), the scale of its pixel-sized parameters."""
 
 
 class GaussianOrSaltPepper(v2.Transform):
@@ -46,6 +48,22 @@ class RandomCropResize(v2.Transform):
         return v2.functional.resize(crop(inpt), [h, w], antialias=True)
 
 
+class ScaledGaussianBlur(v2.Transform):
+    """The thesis's Gaussian blur (11 x 11 kernel, sigma 10 at 256 px) scaled to the image's side, so a
+    28 px image gets the same relative blur (3 x 3, sigma 1.1) instead of being smeared to a blob."""
+
+    def __init__(self, kernel: int = 11, sigma: float = 10.0, reference: int = THESIS_SIZE) -> None:
+        super().__init__()
+        self.kernel, self.sigma, self.reference = kernel, sigma, reference
+
+    def transform(self, inpt, params):
+        if not isinstance(inpt, torch.Tensor):
+            return inpt
+        scale = min(inpt.shape[-2:]) / self.reference
+        kernel = max(3, 2 * round(self.kernel * scale / 2 - 0.5) + 1)  # odd, at least 3
+        return v2.functional.gaussian_blur(inpt, [kernel, kernel], [max(0.1, self.sigma * scale)] * 2)
+
+
 def _flip() -> v2.Transform:
     # thesis: a vertical or a horizontal flip, each with probability 0.5
     return v2.RandomChoice([v2.RandomHorizontalFlip(1.0), v2.RandomVerticalFlip(1.0), v2.Identity()], p=[0.25, 0.25, 0.5])
@@ -58,7 +76,7 @@ TRADITIONAL: dict[str, Callable[[], v2.Transform]] = {
     "shearing": lambda: v2.RandomAffine(0, shear=(0, 15), interpolation=NEAREST),
     "cropping": RandomCropResize,
     "noise": GaussianOrSaltPepper,
-    "blurring": lambda: v2.GaussianBlur(11, sigma=10.0),
+    "blurring": ScaledGaussianBlur,
     "coloring": lambda: v2.ColorJitter(brightness=(1.0, 2.0), contrast=(1.0, 2.0)),
 }
 """The eight traditional methods of the thesis (section 4.4), by name."""
