@@ -219,8 +219,9 @@ class Bench:
         start = time.perf_counter()
         train_generator(load_config(None, overrides=overrides), run_dir, params, resume=resume)
         meta = json.loads((run_dir / GENERATOR_DIR / "model.json").read_text())
-        seconds = meta.get("train_seconds", time.perf_counter() - start)  # all segments when it was resumed
-        atomic_write_json(run_dir / "bench_cost.json", {"train_seconds": seconds,
+        all_segments = "train_seconds" in meta  # recorded by the generator's training clock
+        seconds = meta["train_seconds"] if all_segments else time.perf_counter() - start
+        atomic_write_json(run_dir / "bench_cost.json", {"train_seconds": seconds, "all_segments": all_segments,
                                                         "peak_memory_mb": peak_memory_mb(), "resumed": resume,
                                                         "epochs": a.generator_epochs})
         return run_dir
@@ -458,6 +459,8 @@ def generation_markdown(generation: dict, class_names: list[str]) -> list[str]:
     for kind, label in (("lcont", "generator training, L_Cont"), ("plain", "generator training, no L_Cont")):
         cost = [generation[s]["generator_cost"].get(kind, {}) for s in seeds]
         if cost and cost[0]:
+            partial = any(c.get("resumed") and not c.get("all_segments") for c in cost)
+            label += " (time since the last resume only)" if partial else ""
             cost_rows.append([label, f"{np.mean([c['train_seconds'] for c in cost]):.0f} s",
                               f"{np.mean([c['peak_memory_mb'] for c in cost]):.0f}"])
     return ["## Generation quality per class (real training images as reference; mean over seeds)\n",
