@@ -41,7 +41,7 @@ import torch
 
 from diffmed.augment import (MANIFEST, STRATEGIES, AugmentPlan, ManifestProducer, MixedProducer, TraditionalProducer,
                              plan_from_sources, plan_strategy, read_manifest, select_misclassified, write_manifest)
-from diffmed.bench import dataset_overrides, fmt, markdown_table, run_or_resume, summarize, write_results
+from diffmed.bench import dataset_overrides, fmt, markdown_table, run_or_resume, save_configs, summarize, write_results
 from diffmed.config import DataConfig, load_config
 from diffmed.data import load_source
 from diffmed.data.types import LabelledSet
@@ -424,6 +424,8 @@ def main() -> None:
     if any(ARMS[n].group in "de" for n in args.arms):
         md += sample_figure(bench, args.seeds[0])
     write_results(args.out, "results", results, "\n".join(md))
+    gens = [g for s in args.seeds if (g := args.work / "generators" / f"lcont-s{s}" / CONFIG_FILE).is_file()]
+    save_configs([bench.run_dir(n, s) for n in runs for s in args.seeds] + [g.parent for g in gens], args.out)
     print("\n".join(md))
 
 
