@@ -199,12 +199,20 @@ class Bench:
         return out / MANIFEST
 
     # --- generators and samples ----------------------------------------------------------------------
+    def generator_dir(self, seed: int, kind: str = "lcont") -> Path:
+        """Run folder of the seed's generator: ``lcont`` (L_Gen) or ``plain`` (no L_Cont)."""
+        return self.args.work / "generators" / f"{kind}-s{seed}"
+
+    def diffusion_arms(self) -> list[str]:
+        """The requested arms that train on generated images (groups d and e)."""
+        return [n for n in self.args.arms if ARMS[n].group in "de"]
+
     def generator(self, seed: int, contrastive: bool = True) -> Path:
         """Train (or resume, or reuse) the class-conditional generator of this seed; cost in bench_cost.json."""
         from diffmed.diffusion.generative import GENERATOR_DIR, train_generator
 
         a = self.args
-        run_dir = a.work / "generators" / f"{'lcont' if contrastive else 'plain'}-s{seed}"
+        run_dir = self.generator_dir(seed, "lcont" if contrastive else "plain")
         if (run_dir / GENERATOR_DIR / "model.json").is_file():
             return run_dir
         overrides = [*dataset_overrides(DATASET, a.data_dir), f"train.seed={seed}", "train.progress=false",
@@ -243,7 +251,7 @@ class Bench:
 
     def pool(self, seed: int) -> Path:
         """One sample pool per seed: per class the most any requested diffusion strategy (or the table) needs."""
-        strategies = sorted({ARMS[n].strategy for n in self.args.arms if ARMS[n].group in "de"})
+        strategies = sorted({ARMS[n].strategy for n in self.diffusion_arms()})
         need = np.zeros(len(self.train.class_names), int)
         for s in strategies:
             need = np.maximum(need, self.plan(s, seed).class_counts(self.train))
@@ -300,7 +308,7 @@ class Bench:
             out[label]["cost"] = _read_cost(manifest.parent)
         out["traditional (combined policy)"] = evaluate_generated(real, self.traditional_samples(n, seed), fx,
                                                                   seed=seed, real_features=real_f)
-        out["generator_cost"] = {kind: _read_cost(a.work / "generators" / f"{kind}-s{seed}")
+        out["generator_cost"] = {kind: _read_cost(self.generator_dir(seed, kind))
                                  for kind in ("lcont", "plain")}
         atomic_write_json(path, out)
         return out
@@ -380,7 +388,7 @@ def main() -> None:
         cand = args.work / "aug" / f"candidates-s{seed}.json"
         if cand.is_file():
             results["candidates"][seed] = {k: v for k, v in json.loads(cand.read_text()).items() if k != "rows"}
-        if bench.wants_generation_table(seed) and any(ARMS[n].group in "de" for n in args.arms):
+        if bench.wants_generation_table(seed) and bench.diffusion_arms():
             results["generation"][seed] = bench.generation_table(seed)
 
     rows = []
@@ -421,11 +429,11 @@ def main() -> None:
                markdown_table(["seed", "misclassified", "selected (near boundary) per class"],
                               [[s, c["misclassified"], c["per_class"]] for s, c in results["candidates"].items()])]
     md += generation_markdown(results["generation"], bench.train.class_names)
-    if any(ARMS[n].group in "de" for n in args.arms):
+    if bench.diffusion_arms():
         md += sample_figure(bench, args.seeds[0])
     write_results(args.out, "results", results, "\n".join(md))
-    gens = [g for s in args.seeds if (g := args.work / "generators" / f"lcont-s{s}" / CONFIG_FILE).is_file()]
-    save_configs([bench.run_dir(n, s) for n in runs for s in args.seeds] + [g.parent for g in gens], args.out)
+    gens = [g for s in args.seeds if ((g := bench.generator_dir(s)) / CONFIG_FILE).is_file()]
+    save_configs([bench.run_dir(n, s) for n in runs for s in args.seeds] + gens, args.out)
     print("\n".join(md))
 
 
