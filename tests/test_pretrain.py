@@ -163,6 +163,20 @@ def test_pruning_keeps_the_argmin_and_counts_passes() -> None:
     assert torch.equal(full.argmin(1), best)
 
 
+def test_a_single_surviving_class_ends_the_evaluation() -> None:
+    plan = make_plan(list(range(100, 1000, 100)), 1, 2, prune=True, prune_after=2)
+    assert len(plan.first) == 2 and len(plan.rest) == 0 and plan.passes(2) == 4  # of 18 without pruning
+    errors = torch.tensor([[[1.0, 1.2], [1.1, 1.3]], [[0.9, 1.0], [0.5, 0.7]]])  # (image, class, evaluation)
+    calls = []
+
+    def error_fn(classes: torch.Tensor, evals: torch.Tensor) -> torch.Tensor:
+        calls.append(evals)
+        return errors.gather(1, classes[..., None].expand(-1, -1, 2))[..., : len(evals)]
+
+    rel = adaptive_relative_errors(error_fn, 2, 2, plan)
+    assert len(calls) == 1 and torch.equal(rel.argmin(1), torch.tensor([0, 1]))
+
+
 def test_temperature_fit_calibrates_the_error_logits() -> None:
     from diffmed.evaluation.metrics import fit_temperature
 

@@ -86,7 +86,8 @@ class EvalPlan:
 def make_plan(timesteps: list[int], trials: int, num_classes: int, prune: bool = True,
               prune_after: int | None = None, keep_top: int | None = None) -> EvalPlan:
     """Every timestep ``trials`` times; with pruning, a first round of ``prune_after`` evaluations
-    (default half) spread evenly over the sorted timesteps, then the ``keep_top`` (default ceil(K/2)) best classes."""
+    (default half) spread evenly over the sorted timesteps, then the ``keep_top`` (default ceil(K/2)) best classes
+    (none when only one survives, e.g. a binary task: its scores are then the first round's)."""
     t = torch.tensor(timesteps, dtype=torch.long).repeat_interleave(trials)
     e = len(t)
     keep = keep_top or math.ceil(num_classes / 2)
@@ -99,6 +100,8 @@ def make_plan(timesteps: list[int], trials: int, num_classes: int, prune: bool =
         raise ConfigError(f"method.params.prune_after={n1} must be between 1 and the {e} evaluations per class")
     first = torch.unique(torch.linspace(0, e - 1, n1).round().long())
     rest = torch.tensor([i for i in range(e) if i not in set(first.tolist())], dtype=torch.long)
+    if keep == 1:  # one survivor is the argmin already: more evaluations cannot change the prediction
+        rest = rest[:0]
     return EvalPlan(t, first, rest, keep)
 
 
