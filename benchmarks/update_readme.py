@@ -21,6 +21,8 @@ def table_for(name: str) -> str:
     body = path.read_text().strip()
     body = re.sub(r"^# .*\n+", "", body)  # the README section has its own heading
     body = re.sub(r"^## ", "#### ", body, flags=re.M)  # nest sub-headings under the README's ### section
+    # images are linked relative to the results file; the README sits at the root
+    body = re.sub(r"!\[([^]]*)\]\((?!https?:|/)([^)]+)\)", rf"![\1](benchmarks/results/{name}/\2)", body)
     return f"{body}\n\n(from `benchmarks/results/{name}/results.md`)"
 
 
