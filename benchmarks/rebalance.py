@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -413,7 +414,7 @@ def main() -> None:
         mc = ", ".join(f"{r['mcnemar']['p_value']:.3g}" for r in res.values())
         boot = lambda m: ", ".join(f"{r['metrics'][m]['diff']:+.3f} (p={r['metrics'][m]['p_value']:.3g})"
                                    for r in res.values())
-        comp_rows.append([f"{a} vs {b}", mc, boot("balanced_acc"), boot("kappa"), boot("auc")])
+        comp_rows.append([f"{a} vs {b}", mc, boot("balanced_acc"), boot("f1_macro"), boot("kappa"), boot("auc")])
 
     md = [f"# Synthetic rebalancing vs traditional augmentation ({DATASET}, ResNet-18 28 px)\n",
           f"Train counts {results['train_counts']}; seeds {args.seeds}; classifier epochs {args.epochs}; "
@@ -423,7 +424,7 @@ def main() -> None:
           markdown_table(["arm", "group", "strategy", "synthetic images", "balanced acc", "macro-F1", "AUC",
                           "Cohen's kappa", "train s"], rows),
           "## Paired tests per seed (arm A minus arm B; McNemar p, paired bootstrap difference and p)\n",
-          markdown_table(["A vs B", "McNemar p", "Δ balanced acc", "Δ kappa", "Δ AUC"], comp_rows)]
+          markdown_table(["A vs B", "McNemar p", "Δ balanced acc", "Δ macro-F1", "Δ kappa", "Δ AUC"], comp_rows)]
     if results["candidates"]:
         md += ["## Misclassified strategy: selected training images per seed\n",
                markdown_table(["seed", "misclassified", "selected (near boundary) per class"],
@@ -431,10 +432,30 @@ def main() -> None:
     md += generation_markdown(results["generation"], bench.train.class_names)
     if bench.diffusion_arms():
         md += sample_figure(bench, args.seeds[0])
+    if "dcube" in runs:
+        md += dcube_selection(bench, args.seeds)
     write_results(args.out, "results", results, "\n".join(md))
     gens = [g for s in args.seeds if ((g := bench.generator_dir(s)) / CONFIG_FILE).is_file()]
     save_configs([bench.run_dir(n, s) for n in runs for s in args.seeds] + gens, args.out)
     print("\n".join(md))
+
+
+def dcube_selection(bench: Bench, seeds: list[int]) -> list[str]:
+    """Arm f's Fig. 2 analogue (first seed) and the blocks its KS test selected per seed."""
+    from diffmed.methods.dcube import read_selection
+
+    runs = {s: bench.run_dir("dcube", s) for s in seeds}
+    figure = runs[seeds[0]] / "stages" / "gaussianity" / "gaussianity.png"
+    bench.args.out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(figure, bench.args.out / "dcube_gaussianity.png")
+    rows = []
+    for s, run in runs.items():
+        sel, _, _ = read_selection(run / "stages" / "dcube_selection.json")
+        rows.append([s, sel.timestep, ", ".join(sel.best), ", ".join(sel.worst)])
+    return ["## D-Cube (arm f): KS Gaussianity of the generator's blocks and the selected layers\n",
+            f"Seed {seeds[0]}'s analysis on its training images (Fig. 2 analogue):\n",
+            "![KS p-values](dcube_gaussianity.png)\n",
+            markdown_table(["seed", "timestep", "selected (non-Gaussian)", "worst (most Gaussian)"], rows)]
 
 
 def epoch_budget(bench: Bench) -> str:
