@@ -36,6 +36,7 @@ import torch
 from diffmed.bench import fmt, markdown_table, run_or_resume, summarize, write_results
 from diffmed.config import load_config
 from diffmed.diffusion.pretrain import load_pretrained, make_scheduler, pretrain, sample
+from diffmed.engine.checkpoint import atomic_write_json
 from diffmed.engine.data import make_datamodule, prepare_data
 from diffmed.engine.inference import collect_outputs
 from diffmed.engine.run import load_trained
@@ -199,6 +200,9 @@ def generation_metrics(work: Path, data: Path, seed: int, s: dict) -> dict:
     """
     from diffmed.evaluation.generation import default_extractor, generation_report
 
+    cached = work / f"generation-s{seed}.json"  # sampling and the feature extractor take minutes on a CPU
+    if cached.is_file():
+        return json.loads(cached.read_text())
     os.environ.pop("DIFFMED_RUN_DIR", None)
     cfg = load_config(None, common(data, seed, s))
     real_set = prepare_data(cfg, work / "pretrain" / f"representation-s{seed}").sets["train"]
@@ -218,6 +222,7 @@ def generation_metrics(work: Path, data: Path, seed: int, s: dict) -> dict:
         fake = ((fake.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
         report = generation_report({"all": real}, {"all": fake}, extractor, kid_subset_size=min(1000, n // 2))
         out[kind] = {"feature_space": report["feature_space"], **report["overall"]}
+    atomic_write_json(cached, out)
     return out
 
 
@@ -247,6 +252,8 @@ def main() -> None:
     ap.add_argument("--budget", default="full", choices=list(BUDGETS),
                     help="full: the protocol; cpu: short schedules, tiny DiT; tiny: tiny data, 1 epoch (plumbing)")
     ap.add_argument("--no-generation", action="store_true")
+    ap.add_argument("--finished-only", action="store_true",
+                    help="report the finished runs (each row over the seeds it has) and train nothing new")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pretrain")
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "pretrain")
     args = ap.parse_args()
@@ -259,16 +266,20 @@ def main() -> None:
     for name in args.rows:
         runs = []
         for seed in args.seeds:
+            if args.finished_only and not (work / "runs" / f"{name}-s{seed}" / "metrics.json").is_file():
+                continue
             result, run_dir = run(name, data, seed, s, work)
             runs.append(result)
             run_dirs[(name, seed)] = run_dir
+        if not runs:
+            continue
         results[name] = summarize(runs, METRICS)
         per_run[name] = {r["seed"]: {"test": {m: r["test"][m] for m in METRICS}, "positive_class": r["positive_class"],
                                      "temperature": r["temperature"], "cost": r["cost"]} for r in runs}
     md = f"# Diffusion pre-training on unlabelled PneumoniaMNIST, tuning on 10 % labels{f' ({args.budget} budget)' if args.budget != 'full' else ''}\n\n"
     md += table4(results)
     cost = {name: classifier_cost(run_dirs[(name, args.seeds[0])], s["cost_images"])
-            for name in args.rows if name.endswith("zero")}
+            for name in args.rows if name.endswith("zero") and (name, args.seeds[0]) in run_dirs}
     if cost:
         md += "\n## Diffusion Classifier Zero: adaptive pruning vs full evaluation (seed %d, test)\n\n" % args.seeds[0]
         md += markdown_table(["model", "pruning", "passes/img", "passes vs full", "ms/img", "ACC", "agreement with full"],
