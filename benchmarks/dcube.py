@@ -263,11 +263,11 @@ def main() -> None:
         for dataset in args.datasets:
             results[dataset], text = compare_dataset(args, dataset)
             md.append(text)
-            write_results(args.out, "dcube", results, "\n".join(md))  # partial results survive a kill
+            write_results(args.out, "results", results, "\n".join(md))  # partial results survive a kill
     if not args.no_ablation:
         results["ablation"], text = ablations(args, args.datasets[0])
         md.append(text)
-    write_results(args.out, "dcube", results, "\n".join(md))
+    write_results(args.out, "results", results, "\n".join(md))
     print("\n".join(md))
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from diffmed.bench import fmt, markdown_table, run_or_resume, summarize, write_results
+from diffmed.bench import fmt, markdown_table, per_seed_ci, run_or_resume, summarize, write_results
 from diffmed.config import load_config
 from diffmed.diffusion.pretrain import load_pretrained, make_scheduler, pretrain, sample
 from diffmed.engine.checkpoint import atomic_write_json
@@ -236,8 +236,7 @@ def table4(results: dict) -> str:
     rows = []
     for name, s in results.items():
         paper = PAPER.get(name)
-        cis = {m: "; ".join(f"[{lo:.3f}, {hi:.3f}]" for lo, hi in s[m]["ci"]) for m in METRICS}
-        rows.append([ROWS[name][0], s["n_seeds"], *(f"{fmt(s[m])} {cis[m]}" for m in METRICS),
+        rows.append([ROWS[name][0], s["n_seeds"], *(f"{fmt(s[m])} {per_seed_ci(s, m)}" for m in METRICS),
                      f"{s['cost'].get('forward_passes_per_image', float('nan')):.1f}",
                      f"{s['cost'].get('infer_seconds_per_image', float('nan')) * 1000:.2f}",
                      " / ".join(f"{v:.3f}" for v in paper) if paper else "-"])
@@ -298,7 +297,7 @@ def main() -> None:
                                f"{g['recall']:.3f}"] for k, g in generation.items()])
     settings = {**s, "budget": args.budget, "seeds": args.seeds, "data": str(data), "train_fraction": 0.1}
     md += f"\nSettings: `{json.dumps(settings)}`\n"
-    write_results(out, "pretrain", {"settings": settings, "table4": results, "per_run": per_run,
+    write_results(out, "results", {"settings": settings, "table4": results, "per_run": per_run,
                                     "classifier_cost": cost, "pretrain_loss_min": minima, "generation": generation}, md)
     print(md)
 

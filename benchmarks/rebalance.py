@@ -42,7 +42,8 @@ import torch
 
 from diffmed.augment import (MANIFEST, STRATEGIES, AugmentPlan, ManifestProducer, MixedProducer, TraditionalProducer,
                              plan_from_sources, plan_strategy, read_manifest, select_misclassified, write_manifest)
-from diffmed.bench import dataset_overrides, fmt, markdown_table, run_or_resume, save_configs, summarize, write_results
+from diffmed.bench import (dataset_overrides, fmt, markdown_table, per_seed_ci, run_or_resume, save_configs,
+                           summarize, write_results)
 from diffmed.config import DataConfig, load_config
 from diffmed.data import load_source
 from diffmed.data.types import LabelledSet
@@ -399,9 +400,8 @@ def main() -> None:
         s["n_synthetic"] = [_synthetic_count(bench, arm, seed) for seed in args.seeds]
         s["per_seed"] = {seed: {m: r["test"][m] for m in METRICS} for r, seed in zip(arm_runs, args.seeds)}
         results["arms"][name] = s
-        ci = lambda m: "; ".join(f"[{lo:.3f}, {hi:.3f}]" for lo, hi in s[m]["ci"])
         rows.append([name, GROUPS[arm.group], arm.strategy or "-", int(np.mean(s["n_synthetic"])),
-                     *(f"{fmt(s[m])}<br>{ci(m)}" for m in METRICS),
+                     *(f"{fmt(s[m])}<br>{per_seed_ci(s, m)}" for m in METRICS),
                      f"{s['cost'].get('train_seconds', float('nan')):.0f}"])
 
     pairs = [(n, "none") for n in runs if n != "none"]

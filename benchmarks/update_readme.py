@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKER = re.compile(r"<!-- results:(?P<name>[\w-]+) -->\n.*?<!-- /results:(?P=name) -->", re.S)
+MARKER = re.compile(r"<!-- results:(?P<name>[\w/-]+) -->\n.*?<!-- /results:(?P=name) -->", re.S)
 
 
 def table_for(name: str) -> str:
