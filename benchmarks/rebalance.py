@@ -9,6 +9,7 @@ classifier (ResNet-18, 28 px, method ``baseline``, MedMNIST schedule) is trained
   d  diff-<strategy>      images from the class-conditional diffusion model (L_Gen = L_Diff + L_Cont)
   e  mixed-<strategy>     each planned image traditional or diffusion with probability 0.5 (thesis 4.5)
   f  dcube                D-Cube (issue 5) on the hyper-features of the same seed's generator, real images only
+     dcube-worst          the same on the most Gaussian blocks (D-Cube's Table VI)
 
 with strategies unbalanced | balanced | misclassified (``diffmed.augment.strategies``). The misclassified
 strategy uses the arm-a model of the same seed (penultimate features, PCA, distance to the boundary).
@@ -75,6 +76,7 @@ ARMS = {a.name: a for a in [
     *(Arm(f"diff-{s}", "d", s, "diffusion") for s in STRATEGIES),
     *(Arm(f"mixed-{s}", "e", s, "mixed") for s in STRATEGIES),
     Arm("dcube", "f", method=("method.name=dcube",)),  # reads the seed's L_Cont generator, trained once
+    Arm("dcube-worst", "f", method=("method.name=dcube", "method.params.layers=worst")),  # D-Cube's Table VI
 ]}
 
 
@@ -406,7 +408,7 @@ def main() -> None:
 
     pairs = [(n, "none") for n in runs if n != "none"]
     pairs += [(f"diff-{s}", f"trad-{s}") for s in STRATEGIES if f"diff-{s}" in runs and f"trad-{s}" in runs]
-    pairs += [("dcube", n) for n in runs if "dcube" in runs and ARMS[n].group in "bcd"]
+    pairs += [("dcube", n) for n in runs if "dcube" in runs and (ARMS[n].group in "bcd" or n == "dcube-worst")]
     comp_rows = []
     for a, b in pairs:
         res = compare(bench, a, b, args.seeds)
