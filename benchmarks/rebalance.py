@@ -110,6 +110,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--prepare-generators", action="store_true",
                     help="only train the seeds' generators and sample their pools, then exit (to run beside arms)")
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--finished-only", action="store_true",
+                    help="report the finished runs (each arm over the seeds it has) and train nothing new")
     ap.add_argument("--quick", action="store_true",
                     help="1 seed, 1 epoch, 2 batches per epoch, tiny generator: checks the pipeline, not the method")
     ap.add_argument("--data-dir", type=Path, default=here.parents[1] / "shared" / "data")
@@ -385,10 +387,12 @@ def main() -> None:
     results: dict = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                      "train_counts": dict(zip(bench.train.class_names, bench.train.class_counts().tolist())),
                      "arms": {}, "comparisons": {}, "generation": {}, "candidates": {}}
-    runs: dict[str, list[dict]] = {}
+    runs: dict[str, dict[int, dict]] = {}  # arm -> seed -> metrics
     for seed in args.seeds:
         for name in args.arms:
-            runs.setdefault(name, []).append(bench.run_arm(ARMS[name], seed))
+            if args.finished_only and not (bench.run_dir(name, seed) / "metrics.json").is_file():
+                continue
+            runs.setdefault(name, {})[seed] = bench.run_arm(ARMS[name], seed)
         cand = args.work / "aug" / f"candidates-s{seed}.json"
         if cand.is_file():
             results["candidates"][seed] = {k: v for k, v in json.loads(cand.read_text()).items() if k != "rows"}
@@ -398,11 +402,11 @@ def main() -> None:
     rows = []
     for name, arm_runs in runs.items():
         arm = ARMS[name]
-        s = summarize(arm_runs, METRICS)
-        s["n_synthetic"] = [_synthetic_count(bench, arm, seed) for seed in args.seeds]
-        s["per_seed"] = {seed: {m: r["test"][m] for m in METRICS} for r, seed in zip(arm_runs, args.seeds)}
+        s = summarize(list(arm_runs.values()), METRICS)
+        s["n_synthetic"] = [_synthetic_count(bench, arm, seed) for seed in arm_runs]
+        s["per_seed"] = {seed: {m: r["test"][m] for m in METRICS} for seed, r in arm_runs.items()}
         results["arms"][name] = s
-        rows.append([name, GROUPS[arm.group], arm.strategy or "-", int(np.mean(s["n_synthetic"])),
+        rows.append([name, GROUPS[arm.group], arm.strategy or "-", len(arm_runs), int(np.mean(s["n_synthetic"])),
                      *(f"{fmt(s[m])}<br>{per_seed_ci(s, m)}" for m in METRICS),
                      f"{s['cost'].get('train_seconds', float('nan')):.0f}"])
 
@@ -411,7 +415,7 @@ def main() -> None:
     pairs += [("dcube", n) for n in runs if "dcube" in runs and (ARMS[n].group in "bcd" or n == "dcube-worst")]
     comp_rows = []
     for a, b in pairs:
-        res = compare(bench, a, b, args.seeds)
+        res = compare(bench, a, b, [seed for seed in runs[a] if seed in runs[b]])
         results["comparisons"][f"{a} vs {b}"] = res
         mc = ", ".join(f"{r['mcnemar']['p_value']:.3g}" for r in res.values())
         boot = lambda m: ", ".join(f"{r['metrics'][m]['diff']:+.3f} (p={r['metrics'][m]['p_value']:.3g})"
@@ -423,7 +427,7 @@ def main() -> None:
           f"generator epochs {args.generator_epochs} ({args.generator_size}); "
           f"{epoch_budget(bench)}.\n",
           "## Test metrics (mean ± sd over seeds; per-seed 95% bootstrap CIs)\n",
-          markdown_table(["arm", "group", "strategy", "synthetic images", "balanced acc", "macro-F1", "AUC",
+          markdown_table(["arm", "group", "strategy", "seeds", "synthetic images", "balanced acc", "macro-F1", "AUC",
                           "Cohen's kappa", "train s"], rows),
           "## Paired tests per seed (arm A minus arm B; McNemar p, paired bootstrap difference and p)\n",
           markdown_table(["A vs B", "McNemar p", "Δ balanced acc", "Δ macro-F1", "Δ kappa", "Δ AUC"], comp_rows)]
@@ -435,10 +439,10 @@ def main() -> None:
     if bench.diffusion_arms():
         md += sample_figure(bench, args.seeds[0])
     if "dcube" in runs:
-        md += dcube_selection(bench, args.seeds)
+        md += dcube_selection(bench, list(runs["dcube"]))
     write_results(args.out, "results", results, "\n".join(md))
     gens = [g for s in args.seeds if ((g := bench.generator_dir(s)) / CONFIG_FILE).is_file()]
-    save_configs([bench.run_dir(n, s) for n in runs for s in args.seeds] + gens, args.out)
+    save_configs([bench.run_dir(n, seed) for n in runs for seed in runs[n]] + gens, args.out)
     print("\n".join(md))
 
 
