@@ -17,7 +17,7 @@ MARKER = re.compile(r"<!-- results:(?P<name>[\w/-]+) -->\n.*?<!-- /results:(?P=n
 def table_for(name: str) -> str:
     path = ROOT / "benchmarks" / "results" / name / "results.md"
     if not path.is_file():
-        return f"Not run yet: `benchmarks/{name}.py` writes `benchmarks/results/{name}/results.md`."
+        return f"Not run yet: `benchmarks/{name.split('/')[0]}.py` writes `benchmarks/results/{name}/results.md`."
     body = path.read_text().strip()
     body = re.sub(r"^# .*\n+", "", body)  # the README section has its own heading
     body = re.sub(r"^## ", "#### ", body, flags=re.M)  # nest sub-headings under the README's ### section
