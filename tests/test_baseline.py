@@ -121,3 +121,12 @@ def test_ema_option_trains(tmp_path, tiny_pneumonia):
     run_dir = train(load_config(None, tiny_overrides(tiny_pneumonia, **{"train.max_epochs": 1, "train.ema_decay": 0.9})),
                     tmp_path / "ema")
     assert (run_dir / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+def test_gradcam_draws_cnn_maps_and_skips_token_models(tmp_path, name):
+    from diffmed.report.gradcam import plot_gradcam
+
+    method = create_method("baseline", SPEC, {"backbone": name}, OptimConfig(), 1)
+    out = plot_gradcam(method, torch.rand(2, 1, 28, 28), [0, 1], SPEC.class_names, tmp_path / "cam.png")
+    assert (out is not None) == (name == "resnet18") and (tmp_path / "cam.png").is_file() == (name == "resnet18")

@@ -12,7 +12,7 @@ from diffmed.report.plots import _figure, _save
 def gradcam_layer(net: torch.nn.Module) -> torch.nn.Module | None:
     """The last convolutional stage timm reports (None for token models, where Grad-CAM does not apply)."""
     info = getattr(net, "feature_info", None)
-    if not info or "vit" in type(net).__name__.lower():
+    if not info or hasattr(net, "patch_embed"):  # ViT, DeiT, Swin, ...: their stages output tokens
         return None
     return net.get_submodule(info[-1]["module"])
 
@@ -28,6 +28,8 @@ def plot_gradcam(method, images: torch.Tensor, targets: list[int], class_names: 
         logits = method(images)
         pred = logits.argmax(1)
         cam = LayerGradCam(method, layer).attribute(images, target=pred)
+    if cam.ndim != 4:  # a stage without a spatial map (a token model timm does not mark): nothing to overlay
+        return None
     cam = LayerAttribution.interpolate(cam, tuple(images.shape[-2:]), "bilinear").relu().detach()
     n = len(images)
     fig, axes = _figure(2.2 * n, 2.6, ncols=n, squeeze=False)
