@@ -210,7 +210,7 @@ def test_predictions_are_deterministic_and_batch_independent() -> None:
     a = method.predict_logits(x)
     assert torch.equal(a, method.predict_logits(x))
     assert torch.allclose(a[2:4], method.predict_logits(x[2:4]), atol=1e-6)
-    assert method.forward_passes_per_image() == 2 * 2 + 1 * 2  # binary: keep 1 class after half
+    assert method.forward_passes_per_image() == 2 * 2  # binary: one survivor after half of the 4 evaluations ends it
     assert tiny_classifier(prune=False).forward_passes_per_image() == 2 * 4
     assert timestep_set("paper", 1000, 0) == list(range(100, 1000, 100))
     with pytest.raises(ConfigError, match="timesteps"):
