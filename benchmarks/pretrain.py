@@ -34,12 +34,12 @@ import pandas as pd
 import torch
 
 from diffmed.bench import fmt, markdown_table, per_seed_ci, run_or_resume, summarize, write_results
-from diffmed.config import load_config
+from diffmed.config import load_config, save_config
 from diffmed.diffusion.pretrain import load_pretrained, make_scheduler, pretrain, sample
 from diffmed.engine.checkpoint import atomic_write_json
 from diffmed.engine.data import make_datamodule, prepare_data
 from diffmed.engine.inference import collect_outputs
-from diffmed.engine.run import load_trained
+from diffmed.engine.run import CONFIG_FILE, load_trained
 from diffmed.evaluation.metrics import bootstrap_ci
 from diffmed.methods import simclr  # noqa: F401  (registers "simclr" until methods/__init__ imports it)
 from diffmed.methods.diffusion_classifier import make_plan, timestep_set
@@ -76,6 +76,8 @@ ROWS = {  # name: (label, pre-training it needs or None, method overrides)
 }
 PRUNE_AFTER = (3, 2, 1)
 """First-round lengths of the cost table, besides the model's default (half the evaluations)."""
+
+
 def diffusion_optim(s: dict) -> list[str]:
     """The denoiser's tuning optimiser (the paper's AdamW at 1e-4, constant, unless the budget says otherwise)."""
     return ["optim.optimizer=adamw", f"optim.lr={s.get('zero_tune_lr', 1e-4)}", "optim.schedule=none"]
@@ -122,10 +124,14 @@ def pretrained(kind: str, data: Path, seed: int, s: dict, work: Path) -> Path:
     return out
 
 
+def run_dir_of(work: Path, name: str, seed: int) -> Path:
+    return work / "runs" / f"{name}-s{seed}"
+
+
 def run(name: str, data: Path, seed: int, s: dict, work: Path) -> tuple[dict, Path]:
+    run_dir = run_dir_of(work, name, seed)
     if name in RESCORED:
-        base_result, base_dir = run(RESCORED[name], data, seed, s, work)
-        run_dir = work / "runs" / f"{name}-s{seed}"
+        _, base_dir = run(RESCORED[name], data, seed, s, work)
         if not (run_dir / "metrics.json").is_file():
             rescore(base_dir, run_dir, "epsilon")
         return with_cis(json.loads((run_dir / "metrics.json").read_text()), run_dir, s["bootstrap"]), run_dir
@@ -137,7 +143,6 @@ def run(name: str, data: Path, seed: int, s: dict, work: Path) -> tuple[dict, Pa
     if kind in ("unconditional", "representation"):
         overrides += [f"method.params.mode={kind}", *dit_params(s)]
         overrides += diffusion_optim(s) if name.endswith("zero") else []
-    run_dir = work / "runs" / f"{name}-s{seed}"
     result = run_or_resume(overrides, run_dir)
     return with_cis(result, run_dir, s["bootstrap"]), run_dir
 
@@ -146,24 +151,26 @@ def run(name: str, data: Path, seed: int, s: dict, work: Path) -> tuple[dict, Pa
 def rescore(run_dir: Path, out_dir: Path, score: str) -> None:
     """Evaluate a tuned diffusion classifier with another error (same weights, noise and timesteps): the
     logit gain and temperature are refitted on validation, then the test split is scored once."""
-    from diffmed.engine.evaluate import evaluate_split, write_test_results
-    from diffmed.methods.diffusion_classifier import median_class_gap
+    from diffmed.engine.evaluate import calibrate_on, write_test_results
 
-    method, _, cfg = load_trained(run_dir)
+    method, meta, cfg = load_trained(run_dir)
     os.environ.pop("DIFFMED_RUN_DIR", None)
     data = prepare_data(cfg, run_dir)
     dm = make_datamodule(cfg, data)
     method.scorer.score = score
-    method.logit_gain.fill_(1.0)
-    gap = median_class_gap(torch.from_numpy(-collect_outputs(method, dm.eval_loader("val")).logits))
-    method.logit_gain.fill_(1.0 / gap if gap > 0 else 1.0)
-    val = evaluate_split(method, dm.eval_loader("val"), data.spec)
+    val_out = collect_outputs(method, dm.eval_loader("val"))
+    val_out.logits = val_out.logits * method.fit_logit_gain(torch.from_numpy(val_out.logits))
+    val = calibrate_on(val_out, data.spec)
     method.scorer.passes, method._images_scored = 0, 0
     test_out = collect_outputs(method, dm.eval_loader("test"))
     cost = {**json.loads((run_dir / "metrics.json").read_text())["cost"],
             "infer_seconds_per_image": test_out.seconds_per_image,
             "forward_passes_per_image": method.forward_passes_per_image()}
+    # the folder carries the re-scored model's contract, as `diffmed evaluate` does, so its report can be read
     out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / CONFIG_FILE)
+    atomic_write_json(out_dir / "model" / "model.json", {**meta, "params": {**meta["params"], "score": score},
+                                                          "temperature": val["temperature"]})
     atomic_write_json(out_dir / "rescored.json", {"from": str(run_dir), "score": score})
     write_test_results(out_dir, cfg, data.spec, data.sets["test"], test_out, val, cost)
 
@@ -192,9 +199,8 @@ def classifier_cost(run_dir: Path, n_images: int) -> list[dict]:
     p = method.params
     ts = timestep_set(p.timesteps, p.num_train_timesteps, p.num_timesteps)
     rows, preds = [], []
-    # full evaluation first (the reference), then first rounds of decreasing length
-    for prune_after in (None, p.prune_after, *PRUNE_AFTER):
-        prune = bool(rows)
+    # full evaluation first (the reference), then the model's pruning, then shorter first rounds
+    for prune, prune_after in ((False, None), (True, p.prune_after), *((True, n) for n in PRUNE_AFTER)):
         method.scorer.plan = make_plan(ts, p.noise_trials, method.spec.num_classes, prune, prune_after, p.keep_top)
         method.scorer.passes, method._images_scored = 0, 0
         start = time.perf_counter()
@@ -310,7 +316,7 @@ def main() -> None:
         runs = []
         for seed in args.seeds:
             needs = RESCORED.get(name, name)  # a re-scored row can be made from its finished Zero row
-            if args.finished_only and not (work / "runs" / f"{needs}-s{seed}" / "metrics.json").is_file():
+            if args.finished_only and not (run_dir_of(work, needs, seed) / "metrics.json").is_file():
                 continue
             result, run_dir = run(name, data, seed, s, work)
             runs.append(result)

@@ -32,7 +32,11 @@ def calibrated_probs(logits: np.ndarray, spec: TaskSpec, temperature: float) -> 
 
 def evaluate_split(method, loader, spec: TaskSpec) -> dict:
     """Fit the temperature (and multi-label thresholds) on validation outputs; return them with val metrics."""
-    out = collect_outputs(method, loader)
+    return calibrate_on(collect_outputs(method, loader), spec)
+
+
+def calibrate_on(out: Outputs, spec: TaskSpec) -> dict:
+    """``evaluate_split`` for outputs already collected."""
     temperature = float(fit_temperature(_class_logits(out.logits, spec), out.targets, spec.task, mask=_mask(out, spec)))
     probs = calibrated_probs(out.logits, spec, temperature)
     thresholds = choose_thresholds(out.targets, probs, mask=_mask(out, spec)).tolist() if spec.multilabel else None

@@ -262,14 +262,20 @@ class DiffusionClassifier(ClassifierMethod):
             return self.scorer.passes / self._images_scored
         return float(self.scorer.plan.passes(self.spec.num_classes))
 
+    def fit_logit_gain(self, logits: torch.Tensor) -> float:
+        """Set the gain (label-free) from logits made with the current gain; returns the factor they change by."""
+        old = float(self.logit_gain)
+        gap = median_class_gap(-logits / old)
+        if gap <= 0:
+            return 1.0
+        self.logit_gain.fill_(1.0 / gap)
+        return 1.0 / gap / old
+
     def on_validation_epoch_end(self) -> None:
-        """Fit the logit gain (label-free) on this epoch's validation errors, then log the metrics."""
+        """Fit the logit gain on this epoch's validation errors, then log the metrics."""
         if self._val_outputs:
-            old = float(self.logit_gain)
-            gap = median_class_gap(-torch.cat([o[0] for o in self._val_outputs]) / old)
-            if gap > 0:
-                self.logit_gain.fill_(1.0 / gap)
-                self._val_outputs = [(o[0] * (1.0 / gap / old), *o[1:]) for o in self._val_outputs]
+            factor = self.fit_logit_gain(torch.cat([o[0] for o in self._val_outputs]))
+            self._val_outputs = [(o[0] * factor, *o[1:]) for o in self._val_outputs]
         super().on_validation_epoch_end()
 
 
