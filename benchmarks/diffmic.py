@@ -6,22 +6,25 @@ augmentation, optimiser, batch size and epochs; models are chosen on validation 
 +- std over seeds of the test metrics, each seed's 95% bootstrap CI, paired bootstrap p-values (DiffMIC-v2
 minus baseline, same test images) and the inference cost relative to the baseline.
 
-    python benchmarks/diffmic.py --datasets pneumoniamnist retinamnist ham10000 --seeds 3 --epochs 50
-    python benchmarks/diffmic.py --ablation --seeds 3 --epochs 50          # Table IV on PneumoniaMNIST
+    python benchmarks/diffmic.py --datasets pneumoniamnist retinamnist ham10000 --seeds 0 1 2 --epochs 50
+    python benchmarks/diffmic.py --ablation --seeds 0 1 2 --epochs 50          # Table IV on PneumoniaMNIST
     # smoke check (minutes on CPU):
-    python benchmarks/diffmic.py --datasets pneumoniamnist --seeds 1 --epochs 1 --limit-train-batches 2 \\
+    python benchmarks/diffmic.py --datasets pneumoniamnist --seeds 0 --epochs 1 --limit-train-batches 2 \\
         --set eval.bootstrap=50 --out /tmp/diffmic_smoke --work /tmp/diffmic_smoke/work
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from diffmed.bench import (cost_ratio, dataset_overrides, fmt, markdown_table, paired, per_seed_ci, pvalue_cells,
                            run_or_resume, summarize, write_results)
+from diffmed.methods.diffmic.method import DCG_WEIGHTS, VARIANTS
 
 METRICS = ("acc", "auc", "f1_macro", "balanced_acc")
-ABLATIONS = ("c1", "c2", "c3", "c4", "c5", "c6", "full")
+ABLATIONS = ("full", "c1", "c2", "c3", "c4", "c5", "c6")
+"""In run order: ``full`` first, so the rows with a DCG reuse its stage."""
 TABLE_IV = {  # the paper's PMG2000 rows (Accuracy, F1), for orientation only: a different dataset
     "c1": (0.879, 0.881), "c2": (0.906, 0.899), "c3": (0.915, 0.910), "c4": (0.917, 0.912),
     "c5": (0.913, 0.905), "c6": (0.927, 0.925), "full": (0.935, 0.933),
@@ -60,8 +63,23 @@ def method_overrides(tag: str, args: argparse.Namespace, epochs: int) -> list[st
             f"method.params.n_samples={args.n_samples}"]
 
 
+def run_dir_of(args: argparse.Namespace, dataset: str, tag: str, epochs: int, seed: int) -> Path:
+    return args.work / dataset / f"{tag}-e{epochs}-s{seed}"
+
+
+def share_dcg_stage(args: argparse.Namespace, dataset: str, tag: str, epochs: int, seed: int) -> None:
+    """Ablation rows with a DCG reuse the full run's trained DCG (same seed, data and epochs: the same stage)."""
+    source = run_dir_of(args, dataset, "full", epochs, seed) / "stages" / "dcg" / DCG_WEIGHTS
+    target = run_dir_of(args, dataset, tag, epochs, seed) / "stages" / "dcg" / DCG_WEIGHTS
+    if VARIANTS[tag].needs_dcg and source.is_file() and not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+
+
 def run(args: argparse.Namespace, dataset: str, tag: str, epochs: int, seed: int) -> tuple[dict, Path]:
-    run_dir = args.work / dataset / f"{tag}-e{epochs}-s{seed}"
+    run_dir = run_dir_of(args, dataset, tag, epochs, seed)
+    if tag not in ("baseline", "full"):
+        share_dcg_stage(args, dataset, tag, epochs, seed)
     overrides = common_overrides(args, dataset, epochs, seed) + method_overrides(tag, args, epochs)
     return run_or_resume(overrides, run_dir), run_dir
 
@@ -82,13 +100,13 @@ def compare_main(args: argparse.Namespace, epochs: dict[str, int]) -> tuple[dict
         dirs: dict[str, list[Path]] = {}
         summary: dict[str, dict] = {}
         for tag in ("baseline", "full"):
-            runs = [run(args, dataset, tag, epochs[dataset], seed) for seed in range(args.seeds)]
+            runs = [run(args, dataset, tag, epochs[dataset], seed) for seed in args.seeds]
             dirs[tag] = [d for _, d in runs]
             summary[tag] = summarize([m for m, _ in runs], METRICS)
         comparisons = paired(dirs["full"], dirs["baseline"], METRICS, args.n_boot)
         results[dataset] = {"epochs": epochs[dataset], "baseline": summary["baseline"],
                             "diffmic_v2": summary["full"], "paired_vs_baseline": comparisons}
-        md += [f"## {dataset} ({epochs[dataset]} epochs, {args.seeds} seeds)\n",
+        md += [f"## {dataset} ({epochs[dataset]} epochs, {len(args.seeds)} seeds)\n",
                markdown_table(HEADER, [method_rows("ResNet-18", summary["baseline"], summary["baseline"]),
                                        method_rows("DiffMIC-v2", summary["full"], summary["baseline"])]),
                "Paired bootstrap, DiffMIC-v2 minus baseline, per seed:\n",
@@ -100,17 +118,17 @@ def ablation(args: argparse.Namespace, epochs: dict[str, int]) -> tuple[dict, st
     dataset = args.datasets[0]
     dirs, summary = {}, {}
     for tag in ABLATIONS:
-        runs = [run(args, dataset, tag, epochs[dataset], seed) for seed in range(args.seeds)]
+        runs = [run(args, dataset, tag, epochs[dataset], seed) for seed in args.seeds]
         dirs[tag], summary[tag] = [d for _, d in runs], summarize([m for m, _ in runs], METRICS)
     versus_full = {tag: paired(dirs[tag], dirs["full"], METRICS, args.n_boot) for tag in ABLATIONS if tag != "full"}
     rows = []
-    for tag in ABLATIONS:
+    for tag in sorted(ABLATIONS, key=lambda t: (t == "full", t)):
         p = pvalue_cells(versus_full[tag], METRICS) if tag in versus_full else ["—"] * len(METRICS)
         paper = "{:.3f} / {:.3f}".format(*TABLE_IV[tag])
         rows.append([tag, ROW[tag], fmt(summary[tag]["acc"]), fmt(summary[tag]["f1_macro"]),
                      fmt(summary[tag]["auc"]), p[0], p[2], cost_ratio(summary[tag], summary["c1"],
                                                                       "forward_passes_per_image"), paper])
-    md = (f"# DiffMIC-v2 ablation (Table IV rows) on {dataset}, {epochs[dataset]} epochs, {args.seeds} seeds\n\n"
+    md = (f"# DiffMIC-v2 ablation (Table IV rows) on {dataset}, {epochs[dataset]} epochs, {len(args.seeds)} seeds\n\n"
           + markdown_table(["row", "graph", "test ACC", "macro-F1", "test AUC", "ACC minus full (p) per seed",
                             "F1 minus full (p) per seed", "forward passes (x c1)", "paper PMG2000 ACC / F1"], rows))
     return {"dataset": dataset, "epochs": epochs[dataset], "rows": summary, "paired_vs_full": versus_full}, md
@@ -119,7 +137,8 @@ def ablation(args: argparse.Namespace, epochs: dict[str, int]) -> tuple[dict, st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "retinamnist", "ham10000"])
-    ap.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. N-1)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="seed ids; run one seed per process in parallel, then the table with all of them")
     ap.add_argument("--epochs", nargs="+", default=["50"], help="N, or dataset=N pairs")
     ap.add_argument("--dcg-epochs", type=int, default=None, help="DCG stage epochs (default: --epochs)")
     ap.add_argument("--n-samples", type=int, default=1, help="DiffMIC-v2 reverse chains per image")

@@ -186,11 +186,13 @@ def test_each_ablation_switch_builds_its_own_graph(ablation):
     assert m.forward_passes_per_image() == expected
 
 
-def test_c1_is_a_plain_classifier_trained_with_cross_entropy():
+def test_c1_is_a_plain_classifier_trained_with_cross_entropy(tmp_path):
     m = make(ablation="c1")
     batch = batch_of(pneumonia("train", 8), BINARY)
     logits = m(batch["image"])
     torch.testing.assert_close(m.training_loss(batch), torch.nn.functional.cross_entropy(logits, batch["target"]))
+    m.eval().plot_extras(batch["image"], batch["target"].tolist(), tmp_path)  # no trajectory to draw, no crash
+    assert not list(tmp_path.iterdir())
 
 
 # --- predictions -----------------------------------------------------------------------------------

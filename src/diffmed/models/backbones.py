@@ -24,7 +24,11 @@ def _conv_like(old: nn.Conv2d, in_chans: int, kernel: int, stride: int) -> nn.Co
 def _small_stem(model: nn.Module, name: str, in_chans: int) -> None:
     """Replace the downsampling stem so a 28 px image keeps its resolution into the first stage."""
     if hasattr(model, "conv1") and hasattr(model, "maxpool"):  # ResNet family
-        model.conv1, model.maxpool = _conv_like(model.conv1, in_chans, 3, 1), nn.Identity()
+        if isinstance(model.conv1, nn.Sequential):  # deep stem (resnet10t, resnet18d, ...): first conv to stride 1
+            model.conv1[0] = _conv_like(model.conv1[0], in_chans, 3, 1)
+        else:
+            model.conv1 = _conv_like(model.conv1, in_chans, 3, 1)
+        model.maxpool = nn.Identity()
     elif hasattr(model, "features") and hasattr(model.features, "conv0"):  # DenseNet
         model.features.conv0 = _conv_like(model.features.conv0, in_chans, 3, 1)
         model.features.pool0 = nn.Identity()
