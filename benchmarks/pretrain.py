@@ -63,14 +63,20 @@ PAPER = {  # Ukita et al. Table 4 (hematoma, CT): ACC, F1, recall, precision
     "resnet50": (0.7150, 0.4950, 0.8928, 0.3424), "vit_b": (0.8659, 0.5200, 0.4642, 0.5909),
     "dit_uncond_zero": (0.8882, 0.7058, 0.8571, 0.6000), "dit_rep_zero": (0.9497, 0.8235, 0.7500, 0.9130),
 }
+ZERO_AS_PUBLISHED = "method.params.class_bias=false"
+"""The paper's readout: argmin of the error, a temperature only (the re-scored rows add class offsets)."""
 ROWS = {  # name: (label, pre-training it needs or None, method overrides)
     "resnet50": ("ResNet-50, scratch", None, ["method.name=baseline", "method.params.backbone=resnet50"]),
     "vit_b": ("ViT-B, scratch", None, ["method.name=baseline", "method.params.backbone=vit_base_patch16_224"]),
     "simclr": ("SimCLR + linear probe", "simclr", ["method.name=simclr"]),
-    "dit_uncond_zero": ("Unconditional DiT + Zero", "unconditional", ["method.name=diffusion_classifier"]),
-    "dit_rep_zero": ("Representation DiT + Zero", "representation", ["method.name=diffusion_classifier"]),
-    "dit_uncond_eps": ("Unconditional DiT + Diffusion Classifier (epsilon error)", "unconditional", []),
-    "dit_rep_eps": ("Representation DiT + Diffusion Classifier (epsilon error)", "representation", []),
+    "dit_uncond_zero": ("Unconditional DiT + Zero", "unconditional", ["method.name=diffusion_classifier", ZERO_AS_PUBLISHED]),
+    "dit_rep_zero": ("Representation DiT + Zero", "representation", ["method.name=diffusion_classifier", ZERO_AS_PUBLISHED]),
+    "dit_uncond_zero_b": ("Unconditional DiT + Zero, class bias", "unconditional", []),
+    "dit_rep_zero_b": ("Representation DiT + Zero, class bias", "representation", []),
+    "dit_uncond_zero_pt": ("Unconditional DiT + Zero, per timestep, class bias", "unconditional", []),
+    "dit_rep_zero_pt": ("Representation DiT + Zero, per timestep, class bias", "representation", []),
+    "dit_uncond_eps": ("Unconditional DiT + Diffusion Classifier (epsilon), class bias", "unconditional", []),
+    "dit_rep_eps": ("Representation DiT + Diffusion Classifier (epsilon), class bias", "representation", []),
     "dit_uncond_probe": ("Unconditional DiT + linear probe (tokens)", "unconditional", ["method.name=dit_probe"]),
     "dit_rep_probe": ("Representation DiT + linear probe (r)", "representation", ["method.name=dit_probe"]),
 }
@@ -83,8 +89,12 @@ def diffusion_optim(s: dict) -> list[str]:
     return ["optim.optimizer=adamw", f"optim.lr={s.get('zero_tune_lr', 1e-4)}", "optim.schedule=none"]
 
 
-RESCORED = {"dit_uncond_eps": "dit_uncond_zero", "dit_rep_eps": "dit_rep_zero"}
-"""Rows that re-score a Zero row's tuned model with the original Diffusion Classifier's epsilon error."""
+RESCORED = {f"dit_{m}_{row}": (f"dit_{m}_zero", score, norm) for m in ("uncond", "rep")
+            for row, score, norm in (("zero_b", "x0", "pooled"), ("zero_pt", "x0", "per_timestep"),
+                                     ("eps", "epsilon", "pooled"))}
+"""Rows that re-score a Zero row's tuned model (that row, score, error_norm), each with validation-fitted class
+offsets (``class_bias``): ``epsilon`` is the original Diffusion Classifier's error; ``per_timestep`` compares
+the classes within each timestep before averaging. The Zero rows themselves are the paper's readout (no bias)."""
 
 
 def tiny_dataset(folder: Path) -> Path:
@@ -131,9 +141,10 @@ def run_dir_of(work: Path, name: str, seed: int) -> Path:
 def run(name: str, data: Path, seed: int, s: dict, work: Path) -> tuple[dict, Path]:
     run_dir = run_dir_of(work, name, seed)
     if name in RESCORED:
-        _, base_dir = run(RESCORED[name], data, seed, s, work)
+        base, score, norm = RESCORED[name]
+        _, base_dir = run(base, data, seed, s, work)
         if not (run_dir / "metrics.json").is_file():
-            rescore(base_dir, run_dir, "epsilon")
+            rescore(base_dir, run_dir, score, norm)
         return with_cis(json.loads((run_dir / "metrics.json").read_text()), run_dir, s["bootstrap"]), run_dir
     _, kind, method = ROWS[name]
     epochs = s.get("zero_tune_epochs", s["tune_epochs"]) if name.endswith("zero") else s["tune_epochs"]
@@ -148,18 +159,20 @@ def run(name: str, data: Path, seed: int, s: dict, work: Path) -> tuple[dict, Pa
 
 
 @torch.no_grad()
-def rescore(run_dir: Path, out_dir: Path, score: str) -> None:
-    """Evaluate a tuned diffusion classifier with another error (same weights, noise and timesteps): the
-    logit gain and temperature are refitted on validation, then the test split is scored once."""
+def rescore(run_dir: Path, out_dir: Path, score: str, error_norm: str, class_bias: bool = True) -> None:
+    """Evaluate a tuned diffusion classifier with another error or comparison (same weights, noise and
+    timesteps): the readout (gain, class bias) and temperature are refitted on validation, then the test split is
+    scored once."""
     from diffmed.engine.evaluate import calibrate_on, write_test_results
 
     method, meta, cfg = load_trained(run_dir)
     os.environ.pop("DIFFMED_RUN_DIR", None)
     data = prepare_data(cfg, run_dir)
     dm = make_datamodule(cfg, data)
-    method.scorer.score = score
+    method.scorer.score, method.scorer.per_timestep = score, error_norm == "per_timestep"
     val_out = collect_outputs(method, dm.eval_loader("val"))
-    val_out.logits = val_out.logits * method.fit_logit_gain(torch.from_numpy(val_out.logits))
+    method.params.class_bias = class_bias
+    val_out.logits = method.fit_readout(torch.from_numpy(val_out.logits), torch.from_numpy(val_out.targets)).numpy()
     val = calibrate_on(val_out, data.spec)
     method.scorer.passes, method._images_scored = 0, 0
     test_out = collect_outputs(method, dm.eval_loader("test"))
@@ -169,7 +182,9 @@ def rescore(run_dir: Path, out_dir: Path, score: str) -> None:
     # the folder carries the re-scored model's contract, as `diffmed evaluate` does, so its report can be read
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / CONFIG_FILE)
-    atomic_write_json(out_dir / "model" / "model.json", {**meta, "params": {**meta["params"], "score": score},
+    atomic_write_json(out_dir / "model" / "model.json", {**meta, "params": {**meta["params"], "score": score,
+                                                                                     "error_norm": error_norm,
+                                                                                     "class_bias": class_bias},
                                                           "temperature": val["temperature"]})
     atomic_write_json(out_dir / "rescored.json", {"from": str(run_dir), "score": score})
     write_test_results(out_dir, cfg, data.spec, data.sets["test"], test_out, val, cost)
@@ -315,7 +330,7 @@ def main() -> None:
     for name in args.rows:
         runs = []
         for seed in args.seeds:
-            needs = RESCORED.get(name, name)  # a re-scored row can be made from its finished Zero row
+            needs = RESCORED[name][0] if name in RESCORED else name  # a re-scored row needs its finished Zero row
             if args.finished_only and not (run_dir_of(work, needs, seed) / "metrics.json").is_file():
                 continue
             result, run_dir = run(name, data, seed, s, work)

@@ -319,3 +319,16 @@ def test_predict_rules():
     assert predict("binary", p, thresholds=0.55).tolist() == [0, 1]
     with pytest.raises(ValueError):
         predict("multiclass", p, thresholds=0.5)
+
+
+def test_class_bias_recovers_the_prior_or_leaves_it_out_when_balanced():
+    from diffmed.evaluation.metrics import fit_class_bias
+
+    y = np.array([0] * 300 + [1] * 100)  # 3:1, and logits that say nothing
+    b = fit_class_bias(np.zeros((400, 2)), y, "binary")
+    assert b[0] - b[1] == pytest.approx(np.log(3), abs=1e-4) and b.sum() == pytest.approx(0)
+    assert np.abs(fit_class_bias(np.zeros((400, 2)), y, "binary", balanced=True)).max() < 1e-4
+    shifted = np.tile([0.0, 2.0], (400, 1))  # a scorer that favours class 1 by 2 for every image
+    assert fit_class_bias(shifted, y, "binary", balanced=True) == pytest.approx([1.0, -1.0], abs=1e-4)
+    with pytest.raises(ValueError, match="single-label"):
+        fit_class_bias(np.zeros((4, 2)), np.zeros((4, 2)), "multilabel")

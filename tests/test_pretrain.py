@@ -19,7 +19,7 @@ from diffmed.errors import ConfigError
 from diffmed.methods.base import StageContext
 from diffmed.methods.diffusion_classifier import (DiffusionClassifier, DiffusionParams, DiffusionScorer,
                                                   adaptive_relative_errors, make_plan, median_class_gap,
-                                                  timestep_set)
+                                                  per_evaluation_relative, timestep_set)
 from diffmed.methods.simclr import nt_xent
 
 NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist.npz"
@@ -177,6 +177,22 @@ def test_a_single_surviving_class_ends_the_evaluation() -> None:
     assert len(calls) == 1 and torch.equal(rel.argmin(1), torch.tensor([0, 1]))
 
 
+def test_per_timestep_comparison_gives_every_timestep_an_equal_say() -> None:
+    # class 0 is 20% better at the two small timesteps; class 1 is 5% better at the large one, whose errors are
+    # 100x larger: pooled errors follow the large timestep, per-timestep ratios the majority of timesteps
+    errors = torch.tensor([[[0.8, 0.8, 105.0], [1.0, 1.0, 100.0]]])  # (image, class, evaluation)
+
+    def error_fn(classes: torch.Tensor, evals: torch.Tensor) -> torch.Tensor:
+        return errors.gather(1, classes[..., None].expand(-1, -1, 3))[..., evals]
+
+    plan = make_plan([10, 50, 900], 1, 2, prune=False)
+    assert adaptive_relative_errors(error_fn, 1, 2, plan).argmin(1).item() == 1
+    rel = adaptive_relative_errors(per_evaluation_relative(error_fn), 1, 2, plan)
+    assert rel.argmin(1).item() == 0
+    expected = torch.tensor([(0.8 / 0.9 * 2 + 105 / 102.5) / 3, (1 / 0.9 * 2 + 100 / 102.5) / 3])
+    torch.testing.assert_close(rel[0], expected / expected.mean())
+
+
 def test_temperature_fit_calibrates_the_error_logits() -> None:
     from diffmed.evaluation.metrics import fit_temperature
 
@@ -195,6 +211,30 @@ def test_temperature_fit_calibrates_the_error_logits() -> None:
     def nll(z: np.ndarray) -> float:
         return float(torch.nn.functional.cross_entropy(torch.from_numpy(z), y[test]))
     assert nll(logits[test] / temperature) < nll(logits[test]) and nll(logits[test] / temperature) < nll(-rel.numpy()[test])
+
+
+def test_class_bias_undoes_a_scorer_that_favours_one_class_and_the_readout_keeps_old_models() -> None:
+    g = torch.Generator().manual_seed(1)
+    n = 600
+    y = torch.randint(0, 2, (n,), generator=g)
+    err = 1.0 + 0.02 * torch.randn(n, 2, generator=g)
+    err[torch.arange(n), y] -= 0.05  # informative (the true class is better) ...
+    err[:, 1] -= 0.15  # ... but class 1 reconstructs better for every image: argmin always says 1
+    rel = err / err.mean(1, keepdim=True)
+    assert (rel.argmin(1) == 1).float().mean() > 0.99
+    method = tiny_classifier()
+    logits = method.fit_readout(-rel, y)  # logits made with gain 1 and no bias, as a fresh model's
+    assert float(method.logit_gain) == pytest.approx(1 / median_class_gap(rel))
+    assert float(method.logit_bias[0]) > 0 > float(method.logit_bias[1]) and float(method.logit_bias.sum()) == 0
+    acc = (logits.argmax(1) == y).float().mean()
+    assert acc > 0.8 and (logits.argmax(1) == 0).any()
+    torch.testing.assert_close(method.fit_readout(logits, y), logits)  # refitting its own output changes nothing
+    without = tiny_classifier(class_bias=False)
+    assert torch.equal(without.fit_readout(-rel, y).argmin(1), rel.argmax(1)) and not without.logit_bias.any()
+    state = {k: v for k, v in method.state_dict().items() if k != "logit_bias"}  # saved before the bias existed
+    fresh = tiny_classifier()
+    fresh.load_state_dict(state)
+    assert not fresh.logit_bias.any()
 
 
 def tiny_classifier(**params) -> DiffusionClassifier:

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize, minimize_scalar
 from scipy.special import expit, log_expit, log_softmax, logit, softmax
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
@@ -290,6 +290,29 @@ def fit_temperature(logits: Any, y_true: Any, task: str, mask: Any = None,
     res = minimize_scalar(lambda log_t: _nll_of_logits(z / np.exp(log_t), y, task, m),
                           bounds=tuple(np.log(bounds)), method="bounded", options={"xatol": 1e-5})
     return float(np.exp(res.x))
+
+
+def fit_class_bias(logits: Any, y_true: Any, task: str, balanced: bool = False) -> np.ndarray:
+    """Per-class offsets b (mean 0) minimising the validation NLL of ``logits + b`` (single-label tasks).
+
+    For scorers whose logits favour some classes for every image (e.g. a class-conditional denoiser that
+    reconstructs one class better whatever the input), which a temperature cannot undo. ``balanced`` weights
+    each class's images equally, so the offsets do not add the validation set's class prior.
+    """
+    if task == "multilabel":
+        raise ValueError("fit_class_bias is for single-label tasks; multilabel thresholds come from choose_thresholds")
+    y, z, _ = _validate(task, y_true, logits)
+    onehot = np.eye(z.shape[1])[y]
+    counts = np.bincount(y, minlength=z.shape[1]).astype(np.float64)
+    w = 1.0 / (counts[y] * (counts > 0).sum()) if balanced else np.full(len(y), 1.0 / len(y))
+
+    def nll_and_grad(b: np.ndarray) -> tuple[float, np.ndarray]:
+        s = z + b
+        nll = -(w * log_softmax(s, axis=1)[np.arange(len(y)), y]).sum()
+        return float(nll), (w[:, None] * (softmax(s, axis=1) - onehot)).sum(0)
+
+    b = minimize(nll_and_grad, np.zeros(z.shape[1]), jac=True, method="L-BFGS-B").x
+    return b - b.mean()
 
 
 def apply_temperature(logits: Any, temperature: float, task: str) -> np.ndarray:
