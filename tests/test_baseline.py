@@ -31,6 +31,8 @@ def test_backbones_by_name_at_28px(name):
 def test_small_stem_keeps_resolution_and_unknown_backbone_suggests():
     net = create_backbone("resnet18", 3, 2, 28)
     assert net.forward_features(torch.randn(1, 3, 28, 28)).shape[-1] == 4  # 28 -> 4 with a CIFAR stem, 1 without
+    at_64 = create_backbone("resnet18", 3, 2, 64)  # stride 2 from 33 px: the first stage at 32 x 32
+    assert at_64.conv1.stride == (2, 2) and at_64.forward_features(torch.randn(1, 3, 64, 64)).shape[-1] == 4
     deep_stem = create_backbone("resnet10t", 1, 2, 8).eval()  # a Sequential stem: its first conv to stride 1
     assert deep_stem.forward_features(torch.randn(1, 1, 8, 8)).shape[-1] == 1  # 8 -> 1; without: an error
     assert deep_stem.conv1[0].stride == (1, 1) and deep_stem.conv1[0].in_channels == 1
