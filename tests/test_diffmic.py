@@ -3,6 +3,7 @@ ablation graphs, seeded predictions, the DCG stage and the end-to-end paths (bin
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -349,3 +350,24 @@ def test_bad_options_name_the_option():
         make(ablation="c7")
     with pytest.raises(ConfigError, match="uncertain_policy"):
         make(TaskSpec("multilabel", ["a", "b"], 1, 28, three_way_columns=[0]))
+
+
+def test_ablation_rows_with_a_dcg_reuse_the_full_runs_stage(tmp_path):
+    import argparse
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "diffmic.py"
+    spec = importlib.util.spec_from_file_location("benchmark_diffmic", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(work=tmp_path)
+    source = bench.run_dir_of(args, "pneumoniamnist", "full", 8, 0) / "stages" / "dcg" / DCG_WEIGHTS
+    bench.share_dcg_stage(args, "pneumoniamnist", "c3", 8, 0)  # nothing to share yet: c3 will train its own
+    assert not (bench.run_dir_of(args, "pneumoniamnist", "c3", 8, 0) / "stages").exists()
+    source.parent.mkdir(parents=True)
+    source.write_bytes(b"weights")
+    for tag in ("c1", "c2", "c3", "c4", "c5", "c6"):
+        bench.share_dcg_stage(args, "pneumoniamnist", tag, 8, 0)
+        copied = bench.run_dir_of(args, "pneumoniamnist", tag, 8, 0) / "stages" / "dcg" / DCG_WEIGHTS
+        assert copied.is_file() == VARIANTS[tag].needs_dcg
+    assert not (bench.run_dir_of(args, "pneumoniamnist", "c3", 8, 1) / "stages").exists()  # per seed
