@@ -10,6 +10,7 @@ classifier (ResNet-18, 28 px, method ``baseline``, MedMNIST schedule) is trained
   e  mixed-<strategy>     each planned image traditional or diffusion with probability 0.5 (thesis 4.5)
   f  dcube                D-Cube (issue 5) on the hyper-features of the same seed's generator, real images only
      dcube-worst          the same on the most Gaussian blocks (D-Cube's Table VI)
+     dcube-weighted       D-Cube with arm b's inverse-frequency weighted loss
 
 with strategies unbalanced | balanced | misclassified (``diffmed.augment.strategies``). The misclassified
 strategy uses the arm-a model of the same seed (penultimate features, PCA, distance to the boundary).
@@ -77,6 +78,7 @@ ARMS = {a.name: a for a in [
     *(Arm(f"mixed-{s}", "e", s, "mixed") for s in STRATEGIES),
     Arm("dcube", "f", method=("method.name=dcube",)),  # reads the seed's L_Cont generator, trained once
     Arm("dcube-worst", "f", method=("method.name=dcube", "method.params.layers=worst")),  # D-Cube's Table VI
+    Arm("dcube-weighted", "f", overrides=("method.params.class_weighting=true",), method=("method.name=dcube",)),
 ]}
 
 
@@ -413,6 +415,7 @@ def main() -> None:
     pairs = [(n, "none") for n in runs if n != "none"]
     pairs += [(f"diff-{s}", f"trad-{s}") for s in STRATEGIES if f"diff-{s}" in runs and f"trad-{s}" in runs]
     pairs += [("dcube", n) for n in runs if "dcube" in runs and (ARMS[n].group in "bcd" or n == "dcube-worst")]
+    pairs += [("dcube-weighted", n) for n in ("weighted", "dcube") if "dcube-weighted" in runs and n in runs]
     comp_rows = []
     for a, b in pairs:
         res = compare(bench, a, b, [seed for seed in runs[a] if seed in runs[b]])
