@@ -223,6 +223,15 @@ def test_same_seed_same_prediction_independent_of_the_batch():
     assert not torch.allclose(m.predict_logits(x), first)
 
 
+def test_sample_prediction_starts_from_the_dcg_prior_and_trains():
+    m = make(prediction="sample").eval()  # zero-initialised output: the residual y_0 - M is predicted as 0
+    x = batch_of(pneumonia("val", 4), BINARY)["image"]
+    prior = m.condition(x).prior.mean((2, 3))
+    torch.testing.assert_close(m.sample(x)[:, 0], prior / prior.sum(1, keepdim=True))
+    trained = _trained_a_little(BINARY, pneumonia("train", 16), prediction="sample")
+    assert not torch.allclose(trained.sample(x)[:, 0], trained.condition(x).prior.mean((2, 3)), atol=1e-4)
+
+
 def test_logits_match_the_predicted_probabilities_and_spread():
     m = _trained_a_little(BINARY, pneumonia("train", 16), n_samples=4)
     x = torch.randn(3, 1, 28, 28)

@@ -93,6 +93,9 @@ class DiffMICParams(BaseParams):
     (97% of 6x6 maps have one with t < T/10), the UNet learns to copy the label from it instead of reading
     F and M, and at inference, where all points share t, it predicts one class for every image (measured on
     PneumoniaMNIST: val ACC fell to the majority rate after 4 epochs while the training loss went to 0.006)."""
+    prediction: Literal["epsilon", "sample"] = "epsilon"
+    """What the UNet predicts: the noise (Eq. 9, the paper) or the clean residual y_0 - M. With ``sample`` and
+    the zero-initialised output layer, an untrained denoiser returns the DCG prior M itself."""
     timesteps: int = Field(1000, ge=2)
     """T of the training chain (linear betas)."""
     beta_start: float = Field(1e-4, gt=0)
@@ -258,7 +261,7 @@ class DiffMICv2(ClassifierMethod):
         if self.variant.diffusion:
             self.denoiser = LabelDenoiser(c, self.variant.prior is not None, h, params.unet_channels, params.emb_dim)
             chain = dict(num_train_timesteps=params.timesteps, beta_start=params.beta_start,
-                         beta_end=params.beta_end, beta_schedule="linear", prediction_type="epsilon")
+                         beta_end=params.beta_end, beta_schedule="linear", prediction_type=params.prediction)
             self.noise_schedule = DDPMScheduler(**chain)
             # y_0 - M lies in [-1, 1] (both are probabilities), so clipping the x0 estimate there is exact
             self.sampler = DDIMScheduler(**chain, clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True,
@@ -404,7 +407,8 @@ class DiffMICv2(ClassifierMethod):
         return y0, weight
 
     def training_loss(self, batch: dict) -> torch.Tensor:
-        """Eq. 9: MSE between the noise and its estimate over the whole noise-point map (c1: cross-entropy)."""
+        """Eq. 9: MSE between the noise (or the clean residual, ``prediction``) and its estimate over the whole
+        noise-point map (c1: cross-entropy)."""
         if not self.variant.diffusion:
             return super().training_loss(batch)
         images = batch["image"]
@@ -416,8 +420,8 @@ class DiffMICv2(ClassifierMethod):
         t = self.train_timesteps(n, images.device)
         eps = torch.randn_like(z0)
         y_t = self.add_noise(z0, eps, t) + base
-        eps_hat = self.denoiser(y_t, cond.prior, cond.features, t)
-        se = (eps_hat.float() - eps).pow(2).mean((2, 3))
+        target = eps if self.params.prediction == "epsilon" else z0
+        se = (self.denoiser(y_t, cond.prior, cond.features, t).float() - target).pow(2).mean((2, 3))
         return (se * weight).sum() / weight.sum().clamp_min(1e-8)
 
     # --- inference (Algorithm 2) -----------------------------------------------------------------------
@@ -443,9 +447,9 @@ class DiffMICv2(ClassifierMethod):
         jitter = torch.randn((len(steps), s, c, p, p), generator=g) if self.params.eta > 0 else None
         for i, t in enumerate(steps):
             t_map = torch.full((n * s, p, p), int(t), device=images.device, dtype=torch.long)
-            eps_hat = self.denoiser((z + base).to(features.dtype), prior, features, t_map).float()
+            pred = self.denoiser((z + base).to(features.dtype), prior, features, t_map).float()
             extra = {} if jitter is None else {"variance_noise": jitter[i].to(images.device).repeat(n, 1, 1, 1)}
-            out = self.sampler.step(eps_hat, t, z, eta=self.params.eta, **extra)
+            out = self.sampler.step(pred, t, z, eta=self.params.eta, **extra)
             z = out.prev_sample
             if trajectory is not None:
                 trajectory.append(self._normalise((out.pred_original_sample + base).mean((2, 3)).view(n, s, c)))
