@@ -94,19 +94,30 @@ HEADER = ["method", "test ACC", "test AUC", "macro-F1", "balanced ACC", "ACC 95%
           "AUC 95% CI per seed", "forward passes / image (x baseline)", "s / image (x baseline)", "train s"]
 
 
+def seeds_to_report(args: argparse.Namespace, dataset: str, tags: tuple[str, ...], epochs: int) -> list[int]:
+    """``--seeds``, or with ``--finished-only`` those whose runs of every tag are finished."""
+    if not args.finished_only:
+        return list(args.seeds)
+    return [s for s in args.seeds
+            if all((run_dir_of(args, dataset, t, epochs, s) / "metrics.json").is_file() for t in tags)]
+
+
 def compare_main(args: argparse.Namespace, epochs: dict[str, int]) -> tuple[dict, str]:
     results, md = {}, ["# DiffMIC-v2 vs ResNet-18 baseline\n"]
     for dataset in args.datasets:
         dirs: dict[str, list[Path]] = {}
         summary: dict[str, dict] = {}
+        seeds = seeds_to_report(args, dataset, ("baseline", "full"), epochs[dataset])
+        if not seeds:
+            continue
         for tag in ("baseline", "full"):
-            runs = [run(args, dataset, tag, epochs[dataset], seed) for seed in args.seeds]
+            runs = [run(args, dataset, tag, epochs[dataset], seed) for seed in seeds]
             dirs[tag] = [d for _, d in runs]
             summary[tag] = summarize([m for m, _ in runs], METRICS)
         comparisons = paired(dirs["full"], dirs["baseline"], METRICS, args.n_boot)
         results[dataset] = {"epochs": epochs[dataset], "baseline": summary["baseline"],
                             "diffmic_v2": summary["full"], "paired_vs_baseline": comparisons}
-        md += [f"## {dataset} ({epochs[dataset]} epochs, {len(args.seeds)} seeds)\n",
+        md += [f"## {dataset} ({epochs[dataset]} epochs, {len(seeds)} seeds: {', '.join(map(str, seeds))})\n",
                markdown_table(HEADER, [method_rows("ResNet-18", summary["baseline"], summary["baseline"]),
                                        method_rows("DiffMIC-v2", summary["full"], summary["baseline"])]),
                "Paired bootstrap, DiffMIC-v2 minus baseline, per seed:\n",
@@ -117,8 +128,9 @@ def compare_main(args: argparse.Namespace, epochs: dict[str, int]) -> tuple[dict
 def ablation(args: argparse.Namespace, epochs: dict[str, int]) -> tuple[dict, str]:
     dataset = args.datasets[0]
     dirs, summary = {}, {}
+    seeds = seeds_to_report(args, dataset, ABLATIONS, epochs[dataset])
     for tag in ABLATIONS:
-        runs = [run(args, dataset, tag, epochs[dataset], seed) for seed in args.seeds]
+        runs = [run(args, dataset, tag, epochs[dataset], seed) for seed in seeds]
         dirs[tag], summary[tag] = [d for _, d in runs], summarize([m for m, _ in runs], METRICS)
     versus_full = {tag: paired(dirs[tag], dirs["full"], METRICS, args.n_boot) for tag in ABLATIONS if tag != "full"}
     rows = []
@@ -128,7 +140,7 @@ def ablation(args: argparse.Namespace, epochs: dict[str, int]) -> tuple[dict, st
         rows.append([tag, ROW[tag], fmt(summary[tag]["acc"]), fmt(summary[tag]["f1_macro"]),
                      fmt(summary[tag]["auc"]), p[0], p[2], cost_ratio(summary[tag], summary["c1"],
                                                                       "forward_passes_per_image"), paper])
-    md = (f"# DiffMIC-v2 ablation (Table IV rows) on {dataset}, {epochs[dataset]} epochs, {len(args.seeds)} seeds\n\n"
+    md = (f"# DiffMIC-v2 ablation (Table IV rows) on {dataset}, {epochs[dataset]} epochs, {len(seeds)} seeds\n\n"
           + markdown_table(["row", "graph", "test ACC", "macro-F1", "test AUC", "ACC minus full (p) per seed",
                             "F1 minus full (p) per seed", "forward passes (x c1)", "paper PMG2000 ACC / F1"], rows))
     return {"dataset": dataset, "epochs": epochs[dataset], "rows": summary, "paired_vs_full": versus_full}, md
@@ -148,6 +160,8 @@ def main() -> None:
     ap.add_argument("--limit-train-batches", type=int, default=None, help="for smoke checks only")
     ap.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples")
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
+    ap.add_argument("--finished-only", action="store_true",
+                    help="tables from the seeds whose runs are all finished; train nothing")
     ap.add_argument("--ablation", action="store_true", help="Table IV rows c1-c6 + full on the first dataset "
                                                             "(default pneumoniamnist)")
     ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
