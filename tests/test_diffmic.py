@@ -2,6 +2,7 @@
 ablation graphs, seeded predictions, the DCG stage and the end-to-end paths (binary, multi-class, multi-label)."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -337,6 +338,8 @@ def test_engine_run_trains_the_dcg_stage_and_reloads(tmp_path, tiny_pneumonia):
     assert (run_dir / "stages" / "dcg" / DCG_WEIGHTS).is_file() and (run_dir / "metrics.json").is_file()
     assert (run_dir / "plots" / "diffmic_trajectory.png").is_file()
     assert '<section id="trajectory">' in (run_dir / "report.html").read_text()
+    cost = json.loads((run_dir / "metrics.json").read_text())["cost"]
+    assert cost["stage_seconds"] > 0 and cost["train_seconds"] > 0  # the DCG stage's time is reported apart
     method, meta, _ = load_trained(run_dir)
     x = torch.randn(3, 1, 28, 28)
     again, _, _ = load_trained(run_dir)

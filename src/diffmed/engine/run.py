@@ -67,7 +67,9 @@ def _fit(cfg: RunConfig, data: PreparedData, run_dir: Path, resume: bool):
     """Stages, then the main fit; returns the method with its best (validation-chosen) weights."""
     method = _build_method(cfg, data)
     dm = make_datamodule(cfg, data, getattr(method.params, "balanced_sampler", False))
+    started = time.perf_counter()
     method.fit_stages(StageContext(dm, run_dir, _stage_trainer_factory(cfg), resume))
+    stage_seconds = time.perf_counter() - started  # about 0 when the stages' weights were already there
     trainer = build_trainer(cfg.train, run_dir)
     last = run_dir / CKPT_DIR / "last.ckpt"
     if resume and not last.is_file():
@@ -79,7 +81,7 @@ def _fit(cfg: RunConfig, data: PreparedData, run_dir: Path, resume: bool):
         return None, None
     best = run_dir / CKPT_DIR / "best.ckpt"
     method.load_state_dict(best_checkpoint_state(best if best.is_file() else last))
-    cost = {"train_seconds": seconds, "epochs": trainer.current_epoch,
+    cost = {"train_seconds": seconds, "stage_seconds": stage_seconds, "epochs": trainer.current_epoch,
             "train_images_per_second": clock.images / max(seconds, 1e-9), "peak_memory_mb": peak_memory_mb()}
     return method, cost
 
