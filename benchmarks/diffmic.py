@@ -15,11 +15,14 @@ minus baseline, same test images) and the inference cost relative to the baselin
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 
-from diffmed.bench import (cost_ratio, dataset_overrides, fmt, markdown_table, paired, per_seed_ci, pvalue_cells,
-                           run_or_resume, summarize, write_results)
+import torch
+
+from diffmed.bench import (cost_ratio, dataset_overrides, fmt, markdown_table, mean_std, paired, per_seed_ci,
+                           pvalue_cells, run_or_resume, summarize, write_results)
 from diffmed.methods.diffmic.method import DCG_WEIGHTS, VARIANTS
 
 METRICS = ("acc", "auc", "f1_macro", "balanced_acc")
@@ -103,6 +106,31 @@ def seeds_to_report(args: argparse.Namespace, dataset: str, tags: tuple[str, ...
             if all((run_dir_of(args, dataset, t, epochs, s) / "metrics.json").is_file() for t in tags)]
 
 
+@torch.no_grad()
+def prior_alone(run_dir: Path) -> dict:
+    """Test metrics of the DCG prior M of a finished DiffMIC-v2 run on its own (M averaged over the map):
+    what the denoiser adds is the full row minus this one."""
+    from diffmed.engine.data import make_datamodule, prepare_data
+    from diffmed.engine.run import load_trained
+    from diffmed.evaluation.metrics import classification_metrics
+
+    method, _, cfg = load_trained(run_dir)
+    os.environ.pop("DIFFMED_RUN_DIR", None)
+    data = prepare_data(cfg, run_dir)
+    probs, targets = [], []
+    for batch in make_datamodule(cfg, data).eval_loader("test"):
+        prior = method.condition(batch["image"]).prior.mean((2, 3))
+        probs.append(prior if data.spec.multilabel else prior / prior.sum(1, keepdim=True))
+        targets.append(batch["target"])
+    m = classification_metrics(data.spec.task, torch.cat(targets).numpy(), torch.cat(probs).numpy())
+    return {k: float(m[k]) for k in METRICS}
+
+
+def prior_row(per_seed: list[dict]) -> list[str]:
+    cells = [fmt(dict(zip(("mean", "std"), mean_std(r[k] for r in per_seed)))) for k in METRICS]
+    return ["DCG prior M alone (same runs)", *cells, *["-"] * (len(HEADER) - 1 - len(METRICS))]
+
+
 def compare_main(args: argparse.Namespace, epochs: dict[str, int]) -> tuple[dict, str]:
     results, md = {}, ["# DiffMIC-v2 vs ResNet-18 baseline\n"]
     for dataset in args.datasets:
@@ -116,11 +144,14 @@ def compare_main(args: argparse.Namespace, epochs: dict[str, int]) -> tuple[dict
             dirs[tag] = [d for _, d in runs]
             summary[tag] = summarize([m for m, _ in runs], METRICS)
         comparisons = paired(dirs["full"], dirs["baseline"], METRICS, args.n_boot)
+        priors = [prior_alone(d) for d in dirs["full"]]
         results[dataset] = {"epochs": epochs[dataset], "baseline": summary["baseline"],
-                            "diffmic_v2": summary["full"], "paired_vs_baseline": comparisons}
+                            "diffmic_v2": summary["full"], "dcg_prior_alone_per_seed": priors,
+                            "paired_vs_baseline": comparisons}
         md += [f"## {dataset} ({epochs[dataset]} epochs, {len(seeds)} seeds: {', '.join(map(str, seeds))})\n",
                markdown_table(HEADER, [method_rows("ResNet-18", summary["baseline"], summary["baseline"]),
-                                       method_rows("DiffMIC-v2", summary["full"], summary["baseline"])]),
+                                       method_rows("DiffMIC-v2", summary["full"], summary["baseline"]),
+                                       prior_row(priors)]),
                "Paired bootstrap, DiffMIC-v2 minus baseline, per seed:\n",
                markdown_table(list(METRICS), [pvalue_cells(comparisons, METRICS)])]
     return results, "\n".join(md)
