@@ -90,7 +90,7 @@ def run(args: argparse.Namespace, dataset: str, tag: str, epochs: int, seed: int
 def method_rows(name: str, s: dict, base: dict) -> list[str]:
     return [name, *(fmt(s[m]) for m in METRICS), per_seed_ci(s, "acc"), per_seed_ci(s, "auc"),
             cost_ratio(s, base, "forward_passes_per_image"), cost_ratio(s, base, "infer_seconds_per_image"),
-            f"{s['cost'].get('train_seconds', float('nan')):.0f}", f"{s['cost'].get('stage_seconds', float('nan')):.0f}"]
+            *(f"{s['cost'].get(k, float('nan')):.0f}" for k in ("train_seconds", "stage_seconds"))]
 
 
 HEADER = ["method", "test ACC", "test AUC", "macro-F1", "balanced ACC", "ACC 95% CI per seed",
