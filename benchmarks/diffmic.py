@@ -15,14 +15,13 @@ minus baseline, same test images) and the inference cost relative to the baselin
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from diffmed.bench import (cost_ratio, dataset_overrides, fmt, markdown_table, mean_std, paired, per_seed_ci,
-                           pvalue_cells, run_or_resume, summarize, write_results)
+                           pvalue_cells, run_or_resume, summarize, trained_run, write_results)
 from diffmed.methods.diffmic.method import DCG_WEIGHTS, VARIANTS
 
 METRICS = ("acc", "auc", "f1_macro", "balanced_acc")
@@ -110,13 +109,10 @@ def seeds_to_report(args: argparse.Namespace, dataset: str, tags: tuple[str, ...
 def prior_alone(run_dir: Path) -> dict:
     """Test metrics of the DCG prior M of a finished DiffMIC-v2 run on its own (M averaged over the map):
     what the denoiser adds is the full row minus this one."""
-    from diffmed.engine.data import make_datamodule, prepare_data
-    from diffmed.engine.run import load_trained
+    from diffmed.engine.data import make_datamodule
     from diffmed.evaluation.metrics import classification_metrics
 
-    method, _, cfg = load_trained(run_dir)
-    os.environ.pop("DIFFMED_RUN_DIR", None)
-    data = prepare_data(cfg, run_dir)
+    method, _, cfg, data = trained_run(run_dir)
     probs, targets = [], []
     for batch in make_datamodule(cfg, data).eval_loader("test"):
         prior = method.condition(batch["image"]).prior.mean((2, 3))

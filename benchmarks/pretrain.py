@@ -33,13 +33,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from diffmed.bench import fmt, markdown_table, per_seed_ci, run_or_resume, summarize, write_results
+from diffmed.bench import fmt, markdown_table, per_seed_ci, run_or_resume, summarize, trained_run, write_results
 from diffmed.config import load_config, save_config
 from diffmed.diffusion.pretrain import load_pretrained, make_scheduler, pretrain, sample
 from diffmed.engine.checkpoint import atomic_write_json
 from diffmed.engine.data import make_datamodule, prepare_data
 from diffmed.engine.inference import collect_outputs
-from diffmed.engine.run import CONFIG_FILE, load_trained
+from diffmed.engine.run import CONFIG_FILE
 from diffmed.evaluation.metrics import bootstrap_ci
 from diffmed.methods import simclr  # noqa: F401  (registers "simclr" until methods/__init__ imports it)
 from diffmed.methods.diffusion_classifier import make_plan, timestep_set
@@ -167,9 +167,7 @@ def rescore(run_dir: Path, out_dir: Path, score: str, error_norm: str, class_bia
     scored once."""
     from diffmed.engine.evaluate import calibrate_on, write_test_results
 
-    method, meta, cfg = load_trained(run_dir)
-    os.environ.pop("DIFFMED_RUN_DIR", None)
-    data = prepare_data(cfg, run_dir)
+    method, meta, cfg, data = trained_run(run_dir)
     dm = make_datamodule(cfg, data)
     method.scorer.score, method.scorer.per_timestep = score, error_norm == "per_timestep"
     val_out = collect_outputs(method, dm.eval_loader("val"))
@@ -208,9 +206,7 @@ def with_cis(result: dict, run_dir: Path, n_boot: int) -> dict:
 @torch.no_grad()
 def classifier_cost(run_dir: Path, n_images: int) -> list[dict]:
     """Test-set accuracy, DiT passes and seconds per image with adaptive pruning and with full evaluation."""
-    method, meta, cfg = load_trained(run_dir)
-    os.environ.pop("DIFFMED_RUN_DIR", None)
-    data = prepare_data(cfg, run_dir)
+    method, meta, cfg, data = trained_run(run_dir)
     data.sets["test"] = data.sets["test"].subset(np.arange(min(n_images, len(data.sets["test"]))))
     loader = make_datamodule(cfg, data).eval_loader("test")
     p = method.params

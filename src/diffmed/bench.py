@@ -19,7 +19,8 @@ import numpy as np
 from diffmed.config import RunConfig, load_config
 from diffmed.engine.checkpoint import atomic_write_bytes, atomic_write_json
 from diffmed.engine.evaluate import HEADLINE
-from diffmed.engine.run import CONFIG_FILE, train
+from diffmed.engine.data import PreparedData, prepare_data
+from diffmed.engine.run import CONFIG_FILE, load_trained, train
 
 log = logging.getLogger("diffmed.bench")
 HAM10000 = ["data.label_columns=[dx]", "data.group_column=lesion_id", "data.image_size=64"]
@@ -58,6 +59,14 @@ def run_or_resume(cfg: RunConfig | list[str], run_dir: Path) -> dict:
             os.environ.pop("DIFFMED_RUN_DIR", None)
             train(cfg, run_dir, resume=resume)
     return json.loads(metrics.read_text())
+
+
+def trained_run(run_dir: Path) -> tuple:
+    """(method in eval mode, model metadata, config, prepared data with the run's own splits) of a finished run."""
+    method, meta, cfg = load_trained(run_dir)
+    os.environ.pop("DIFFMED_RUN_DIR", None)  # as before training: no earlier run's folder leaks into later runs
+    data: PreparedData = prepare_data(cfg, run_dir)
+    return method, meta, cfg, data
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:

@@ -67,13 +67,18 @@ def load_weights_file(model: nn.Module, path: str | Path) -> None:
     log.info("loaded %d/%d tensors from %s (others kept at initialisation)", len(usable), len(own), path.name)
 
 
+def is_vit(name: str) -> bool:
+    """timm ViT/DeiT names: patch-token models (image size and patch size set at build, no small stem)."""
+    return "vit" in name or "deit" in name
+
+
 def create_backbone(name: str, in_chans: int, num_classes: int, image_size: int, small_stem: bool | None = None,
                     pretrained: bool | str = False, drop_rate: float = 0.0, **kwargs) -> nn.Module:
     """A timm model with ``num_classes`` outputs (0: a feature extractor); small_stem defaults to size <= 64."""
     if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
         close = timm.list_models(f"*{name}*")[:5]
         raise ConfigError(f"unknown timm backbone '{name}'" + (f"; similar: {', '.join(close)}" if close else ""))
-    if "vit" in name or "deit" in name:
+    if is_vit(name):
         kwargs.setdefault("img_size", image_size)
         kwargs.setdefault("patch_size", 4 if image_size <= 64 else 16)
     hub = pretrained is True
@@ -86,7 +91,7 @@ def create_backbone(name: str, in_chans: int, num_classes: int, image_size: int,
                               "weights file as pretrained=PATH or train from scratch (pretrained=false)") from None
         raise
     if small_stem is None:
-        small_stem = image_size <= 64 and "vit" not in name and "deit" not in name
+        small_stem = image_size <= 64 and not is_vit(name)
     if small_stem:
         _small_stem(model, name, in_chans, small_stem_stride(image_size))
     if isinstance(pretrained, str):  # after the stem swap, so small-stem checkpoints load whole

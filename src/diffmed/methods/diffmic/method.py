@@ -50,7 +50,7 @@ from diffmed.methods.diffmic.dcg import DCG, DCGOutput
 from diffmed.methods.diffmic.denoiser import LabelDenoiser
 from diffmed.methods.losses import probabilities
 from diffmed.methods.registry import METHODS
-from diffmed.models import create_backbone
+from diffmed.models import create_backbone, is_vit
 
 DCG_WEIGHTS = "dcg.safetensors"
 
@@ -246,7 +246,7 @@ class DiffMICv2(ClassifierMethod):
         c, h = spec.num_classes, params.feature_dim
         self.dcg = self._build_dcg() if self.variant.needs_dcg else None
         vit = {"patch_size": params.patch_size or default_patch_size(spec.image_size)} \
-            if "vit" in params.image_backbone or "deit" in params.image_backbone else {}
+            if is_vit(params.image_backbone) else {}
         self.image_encoder = create_backbone(params.image_backbone, spec.channels, 0, spec.image_size,
                                              pretrained=params.pretrained, **vit)
         probe(self.image_encoder, spec.channels, spec.image_size, "image_backbone", params.image_backbone)
