@@ -105,21 +105,69 @@ def seeds_to_report(args: argparse.Namespace, dataset: str, tags: tuple[str, ...
             if all((run_dir_of(args, dataset, t, epochs, s) / "metrics.json").is_file() for t in tags)]
 
 
+SWEEP = {  # inference settings re-read from the same trained runs (``--sweep``); the first is the default
+    "shared noise, 1 chain, 10 steps (default)": {},
+    "per-image noise, 1 chain, 10 steps": {"start": "per_image"},
+    "per-image noise, 4 chains, 10 steps": {"start": "per_image", "n_samples": 4},
+    "shared noise, 1 chain, 50 steps": {"inference_steps": 50},
+    "per-image noise, 4 chains, 20 steps": {"start": "per_image", "n_samples": 4, "inference_steps": 20},
+}
+SWEEP_METRICS = ("acc", "auc", "f1_macro")
+
+
 @torch.no_grad()
-def prior_alone(run_dir: Path) -> dict:
-    """Test metrics of the DCG prior M of a finished DiffMIC-v2 run on its own (M averaged over the map):
-    what the denoiser adds is the full row minus this one."""
+def split_metrics(method, cfg, data, split: str, prior_only: bool = False) -> dict:
+    """Metrics of a trained DiffMIC-v2 on ``split``: its sampled prediction, or the DCG prior M alone (M averaged
+    over the map; what the denoiser adds is the difference)."""
     from diffmed.engine.data import make_datamodule
     from diffmed.evaluation.metrics import classification_metrics
 
-    method, _, cfg, data = trained_run(run_dir)
     probs, targets = [], []
-    for batch in make_datamodule(cfg, data).eval_loader("test"):
-        prior = method.condition(batch["image"]).prior.mean((2, 3))
-        probs.append(prior if data.spec.multilabel else prior / prior.sum(1, keepdim=True))
+    for batch in make_datamodule(cfg, data).eval_loader(split):
+        if prior_only:
+            prior = method.condition(batch["image"]).prior.mean((2, 3))
+            probs.append(prior if data.spec.multilabel else prior / prior.sum(1, keepdim=True))
+        else:
+            probs.append(method.predict_with_uncertainty(batch["image"])[0])
         targets.append(batch["target"])
     m = classification_metrics(data.spec.task, torch.cat(targets).numpy(), torch.cat(probs).numpy())
     return {k: float(m[k]) for k in METRICS}
+
+
+def prior_alone(run_dir: Path) -> dict:
+    method, _, cfg, data = trained_run(run_dir)
+    return split_metrics(method, cfg, data, "test", prior_only=True)
+
+
+def sweep_run(run_dir: Path) -> dict[str, dict]:
+    """{setting: {"val": metrics, "test": metrics}} of one finished run, and the prior M alone."""
+    method, _, cfg, data = trained_run(run_dir)
+    default = method.params
+    out = {"DCG prior M alone": {s: split_metrics(method, cfg, data, s, True) for s in ("val", "test")}}
+    for name, update in SWEEP.items():
+        method.params = default.model_copy(update=update)
+        method.sampler.set_timesteps(method.params.inference_steps)
+        out[name] = {s: split_metrics(method, cfg, data, s) for s in ("val", "test")}
+    return out
+
+
+def sweep(args: argparse.Namespace, epochs: dict[str, int]) -> tuple[dict, str]:
+    """Inference settings of finished full runs, on validation (where a default may be chosen) and test."""
+    results, md = {}, ["# DiffMIC-v2 inference settings, same trained runs\n",
+                       "Mean over seeds; choose on validation. Denoiser passes per image = chains x steps.\n"]
+    header = ["setting", *(f"val {m}" for m in SWEEP_METRICS), *(f"test {m}" for m in SWEEP_METRICS)]
+    for dataset in args.datasets:
+        args.finished_only = True
+        seeds = seeds_to_report(args, dataset, ("full",), epochs[dataset])
+        if not seeds:
+            continue
+        per_seed = [sweep_run(run_dir_of(args, dataset, "full", epochs[dataset], s)) for s in seeds]
+        results[dataset] = {"seeds": seeds, "per_seed": per_seed}
+        rows = [[name, *(f"{mean_std(r[name][split][m] for r in per_seed)[0]:.3f}"
+                         for split in ("val", "test") for m in SWEEP_METRICS)] for name in per_seed[0]]
+        md += [f"## {dataset} ({epochs[dataset]} epochs, seeds {', '.join(map(str, seeds))})\n",
+               markdown_table(header, rows), ""]
+    return results, "\n".join(md)
 
 
 def prior_row(per_seed: list[dict]) -> list[str]:
@@ -192,6 +240,8 @@ def main() -> None:
                     help="tables from the seeds whose runs are all finished; train nothing")
     ap.add_argument("--ablation", action="store_true", help="Table IV rows c1-c6 + full on the first dataset "
                                                             "(default pneumoniamnist)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="re-read finished full runs under other inference settings (val and test); train nothing")
     ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "diffmic")
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "diffmic")
@@ -199,9 +249,10 @@ def main() -> None:
     if args.ablation and args.datasets == ap.get_default("datasets"):
         args.datasets = ["pneumoniamnist"]
     epochs = parse_epochs(args.epochs, args.datasets)
-    results, md = ablation(args, epochs) if args.ablation else compare_main(args, epochs)
+    name, job = ("ablation", ablation) if args.ablation else ("sweep", sweep) if args.sweep else ("results", compare_main)
+    results, md = job(args, epochs)
     results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    write_results(args.out, "ablation" if args.ablation else "results", results, md)
+    write_results(args.out, name, results, md)
     print(md)
 
 

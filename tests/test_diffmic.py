@@ -224,6 +224,19 @@ def test_same_seed_same_prediction_independent_of_the_batch():
     assert not torch.allclose(m.predict_logits(x), first)
 
 
+def test_chain_noise_is_per_image_unless_shared():
+    m = make(n_samples=2, start="per_image")
+    x = batch_of(pneumonia("val", 3), BINARY)["image"]
+    x = torch.cat([x, x[:1]])  # image 0 twice
+    noise = m.chain_noise(x, (1, 2, 2, 4, 4))
+    torch.testing.assert_close(noise[3], noise[0], rtol=0, atol=0)  # same image, same noise
+    assert not torch.allclose(noise[1], noise[0]) and not torch.allclose(noise[1, :, 0], noise[1, :, 1])
+    assert noise.std() == pytest.approx(1, abs=0.25)
+    m.params.start = "shared"  # one draw for every image: the same shift in every prediction
+    shared = m.chain_noise(x, (1, 2, 2, 4, 4))
+    torch.testing.assert_close(shared[1], shared[0], rtol=0, atol=0)
+
+
 def test_sample_prediction_starts_from_the_dcg_prior_and_trains():
     m = make(prediction="sample").eval()  # zero-initialised output: the residual y_0 - M is predicted as 0
     x = batch_of(pneumonia("val", 4), BINARY)["image"]
@@ -344,6 +357,11 @@ def test_engine_run_trains_the_dcg_stage_and_reloads(tmp_path, tiny_pneumonia):
     x = torch.randn(3, 1, 28, 28)
     again, _, _ = load_trained(run_dir)
     torch.testing.assert_close(method.predict_logits(x), again.predict_logits(x))
+    swept = diffmic_benchmark().sweep_run(run_dir)  # re-read under other inference settings
+    test = json.loads((run_dir / "metrics.json").read_text())["test"]
+    default = swept["shared noise, 1 chain, 10 steps (default)"]["test"]
+    assert default["auc"] == pytest.approx(test["auc"], abs=1e-6)  # the default setting is the run itself
+    assert len(swept) == 6 and swept["per-image noise, 1 chain, 10 steps"]["test"] != default
 
 
 # --- configuration errors ----------------------------------------------------------------------------
@@ -364,14 +382,20 @@ def test_bad_options_name_the_option():
         make(TaskSpec("multilabel", ["a", "b"], 1, 28, three_way_columns=[0]))
 
 
-def test_ablation_rows_with_a_dcg_reuse_the_full_runs_stage(tmp_path):
-    import argparse
+def diffmic_benchmark():
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "diffmic.py"
     spec = importlib.util.spec_from_file_location("benchmark_diffmic", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_ablation_rows_with_a_dcg_reuse_the_full_runs_stage(tmp_path):
+    import argparse
+
+    bench = diffmic_benchmark()
     args = argparse.Namespace(work=tmp_path)
     source = bench.run_dir_of(args, "pneumoniamnist", "full", 8, 0) / "stages" / "dcg" / DCG_WEIGHTS
     bench.share_dcg_stage(args, "pneumoniamnist", "c3", 8, 0)  # nothing to share yet: c3 will train its own
