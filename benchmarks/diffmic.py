@@ -15,6 +15,7 @@ minus baseline, same test images) and the inference cost relative to the baselin
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 
 from diffmed.bench import (cost_ratio, dataset_overrides, fmt, markdown_table, mean_std, paired, per_seed_ci,
                            pvalue_cells, run_or_resume, summarize, trained_run, write_results)
+from diffmed.engine.checkpoint import atomic_write_json
 from diffmed.methods.diffmic.method import DCG_WEIGHTS, VARIANTS
 
 METRICS = ("acc", "auc", "f1_macro", "balanced_acc")
@@ -140,7 +142,11 @@ def prior_alone(run_dir: Path) -> dict:
 
 
 def sweep_run(run_dir: Path) -> dict[str, dict]:
-    """{setting: {"val": metrics, "test": metrics}} of one finished run, and the prior M alone."""
+    """{setting: {"val": metrics, "test": metrics}} of one finished run, and the prior M alone; kept in the run
+    folder (``sweep.json``) and read back while the settings are the same."""
+    cache = run_dir / "sweep.json"
+    if cache.is_file() and (done := json.loads(cache.read_text())).keys() == {"DCG prior M alone", *SWEEP}:
+        return done
     method, _, cfg, data = trained_run(run_dir)
     default = method.params
     out = {"DCG prior M alone": {s: split_metrics(method, cfg, data, s, True) for s in ("val", "test")}}
@@ -148,6 +154,7 @@ def sweep_run(run_dir: Path) -> dict[str, dict]:
         method.params = default.model_copy(update=update)
         method.sampler.set_timesteps(method.params.inference_steps)
         out[name] = {s: split_metrics(method, cfg, data, s) for s in ("val", "test")}
+    atomic_write_json(cache, out)
     return out
 
 

@@ -382,11 +382,11 @@ def test_bad_options_name_the_option():
         make(TaskSpec("multilabel", ["a", "b"], 1, 28, three_way_columns=[0]))
 
 
-def diffmic_benchmark():
+def diffmic_benchmark(name: str = "diffmic"):
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "diffmic.py"
-    spec = importlib.util.spec_from_file_location("benchmark_diffmic", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
@@ -407,3 +407,11 @@ def test_ablation_rows_with_a_dcg_reuse_the_full_runs_stage(tmp_path):
         copied = bench.run_dir_of(args, "pneumoniamnist", tag, 8, 0) / "stages" / "dcg" / DCG_WEIGHTS
         assert copied.is_file() == VARIANTS[tag].needs_dcg
     assert not (bench.run_dir_of(args, "pneumoniamnist", "c3", 8, 1) / "stages").exists()  # per seed
+
+
+def test_cost_benchmark_times_every_component():
+    cost = diffmic_benchmark("diffmic_cost")
+    m = make().eval()
+    parts = cost.components(m, torch.randn(4, 1, 28, 28))
+    assert len(parts) == 6 and any(name.startswith("label UNet x 10") for name in parts)
+    assert all(cost.ms_per_image(fn, 4, 0.01) > 0 for fn in parts.values())
