@@ -163,8 +163,8 @@ def sweep(args: argparse.Namespace, epochs: dict[str, int]) -> tuple[dict, str]:
     results, md = {}, ["# DiffMIC-v2 inference settings, same trained runs\n",
                        "Mean over seeds; choose on validation. Denoiser passes per image = chains x steps.\n"]
     header = ["setting", *(f"val {m}" for m in SWEEP_METRICS), *(f"test {m}" for m in SWEEP_METRICS)]
+    args.finished_only = True  # the sweep reads finished runs only
     for dataset in args.datasets:
-        args.finished_only = True
         seeds = seeds_to_report(args, dataset, ("full",), epochs[dataset])
         if not seeds:
             continue
