@@ -256,7 +256,8 @@ def main() -> None:
     if args.ablation and args.datasets == ap.get_default("datasets"):
         args.datasets = ["pneumoniamnist"]
     epochs = parse_epochs(args.epochs, args.datasets)
-    name, job = ("ablation", ablation) if args.ablation else ("sweep", sweep) if args.sweep else ("results", compare_main)
+    name, job = (("ablation", ablation) if args.ablation else ("sweep", sweep) if args.sweep
+                 else ("results", compare_main))
     results, md = job(args, epochs)
     results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     write_results(args.out, name, results, md)

@@ -33,11 +33,9 @@ def ms_per_image(fn, n: int, min_run_time: float) -> float:
 
 def components(method, images: torch.Tensor) -> dict:
     """name -> a callable running that component on ``images`` (its inputs precomputed once)."""
-    dcg = method.dcg
-    out = dcg(images)
-    rois = out.rois
+    dcg, p = method.dcg, method.params
+    rois = dcg(images, local=False, rois=True).rois
     cond = method.condition(images)
-    p = method.params
     steps = p.inference_steps * p.n_samples
 
     def unet() -> None:
@@ -52,7 +50,8 @@ def components(method, images: torch.Tensor) -> dict:
         "DCG global encoder + saliency + ROI crops": lambda: dcg(images, local=False, rois=True),
         f"DCG local encoder ({p.num_rois} ROIs) + attention": lambda: dcg.local_logits(rois),
         f"F: image transformer ({p.image_backbone})": lambda: method.image_proj(method.image_encoder(images)),
-        f"F: ROI CNN ({p.roi_backbone}, {p.num_rois} ROIs)": lambda: method.roi_proj(method.roi_encoder(rois.flatten(0, 1))),
+        f"F: ROI CNN ({p.roi_backbone}, {p.num_rois} ROIs)":
+            lambda: method.roi_proj(method.roi_encoder(rois.flatten(0, 1))),
         f"label UNet x {steps} (width {p.unet_channels})": unet,
         "whole predict_logits": lambda: method.predict_logits(images),
     }

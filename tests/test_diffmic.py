@@ -351,16 +351,16 @@ def test_engine_run_trains_the_dcg_stage_and_reloads(tmp_path, tiny_pneumonia):
     assert (run_dir / "stages" / "dcg" / DCG_WEIGHTS).is_file() and (run_dir / "metrics.json").is_file()
     assert (run_dir / "plots" / "diffmic_trajectory.png").is_file()
     assert '<section id="trajectory">' in (run_dir / "report.html").read_text()
-    cost = json.loads((run_dir / "metrics.json").read_text())["cost"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    cost = metrics["cost"]
     assert cost["stage_seconds"] > 0 and cost["train_seconds"] > 0  # the DCG stage's time is reported apart
     method, meta, _ = load_trained(run_dir)
     x = torch.randn(3, 1, 28, 28)
     again, _, _ = load_trained(run_dir)
     torch.testing.assert_close(method.predict_logits(x), again.predict_logits(x))
     swept = diffmic_benchmark().sweep_run(run_dir)  # re-read under other inference settings
-    test = json.loads((run_dir / "metrics.json").read_text())["test"]
     default = swept["shared noise, 1 chain, 10 steps (default)"]["test"]
-    assert default["auc"] == pytest.approx(test["auc"], abs=1e-6)  # the default setting is the run itself
+    assert default["auc"] == pytest.approx(metrics["test"]["auc"], abs=1e-6)  # the default setting is the run itself
     assert len(swept) == 6 and swept["per-image noise, 1 chain, 10 steps"]["test"] != default
 
 
