@@ -246,6 +246,32 @@ def test_sample_prediction_starts_from_the_dcg_prior_and_trains():
     assert not torch.allclose(trained.sample(x)[:, 0], trained.condition(x).prior.mean((2, 3)), atol=1e-4)
 
 
+def test_feature_loss_adds_cross_entropy_on_f_and_trains_the_head():
+    batch = batch_of(pneumonia("train", 8), BINARY)
+    plain, aux = make(), make(feature_loss_weight=0.5)
+    assert not hasattr(plain, "head")
+    torch.manual_seed(1)
+    with_ce = aux.training_loss(batch)
+    torch.manual_seed(1)
+    aux.params.feature_loss_weight = 0.0
+    assert aux.training_loss(batch) < with_ce  # same noise and timesteps: the difference is the CE term
+    aux.params.feature_loss_weight = 0.5
+    aux.training_loss(batch).backward()
+    assert aux.head.weight.grad.abs().sum() > 0 and aux.image_proj.weight.grad.abs().sum() > 0
+
+
+def test_prior_dropout_blanks_whole_maps_in_training_only():
+    m = make(prior_dropout=0.5)
+    x = batch_of(pneumonia("val", 32), BINARY)["image"]
+    cond = m.condition(x)
+    dropped = m.drop_prior(cond).prior
+    blank = (dropped == 0.5).flatten(1).all(1)
+    assert 4 < blank.sum() < 28  # about half the images, each map blanked whole
+    torch.testing.assert_close(dropped[~blank], cond.prior[~blank])
+    m.params.prior_dropout = 0.0
+    assert m.drop_prior(cond) is cond
+
+
 def test_logits_match_the_predicted_probabilities_and_spread():
     m = _trained_a_little(BINARY, pneumonia("train", 16), n_samples=4)
     x = torch.randn(3, 1, 28, 28)

@@ -124,6 +124,16 @@ class DiffMICParams(BaseParams):
     model's label posterior, and the AUC drops. Both are reproducible and independent of the batch. On
     validation, shared gave the better AUC and about the same ACC and F1 (``benchmarks/diffmic.py --sweep``)."""
 
+    feature_loss_weight: float = Field(0.0, ge=0)
+    """Weight of an auxiliary cross-entropy (BCE for multi-label) on a linear head over F, beside the diffusion
+    loss (not in the paper; 0 is off). Through the label-diffusion loss alone a from-scratch image encoder gets
+    little signal (ablation c2 learns nothing at 8 epochs on PneumoniaMNIST); the head is dropped at inference."""
+    prior_dropout: float = Field(0.0, ge=0, lt=1)
+    """Training only: each image's guidance map M is replaced, with this probability, by the uninformative prior
+    (1/C per class; 0.5 per label) as the denoiser's input and as the chain's mean (not in the paper; 0 is off).
+    With M always present, copying it is the easy minimum (the Table IV rows with a prior land at the prior's
+    own accuracy); on the dropped maps the denoiser has to read the label from F."""
+
     @model_validator(mode="after")
     def _check(self) -> "DiffMICParams":
         if self.inference_steps > self.timesteps:
@@ -281,8 +291,8 @@ class DiffMICv2(ClassifierMethod):
             self.sampler = DDIMScheduler(**chain, clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True,
                                          timestep_spacing=params.timestep_spacing)
             self.sampler.set_timesteps(params.inference_steps)
-        else:
-            self.head = nn.Linear(h, c)
+        if not self.variant.diffusion or params.feature_loss_weight > 0:
+            self.head = nn.Linear(h, c)  # c1's classifier, or the auxiliary head on F
         self.register_buffer("distance", distance_matrix(params.num_points), persistent=False)
 
     # --- construction ------------------------------------------------------------------------------
@@ -426,7 +436,7 @@ class DiffMICv2(ClassifierMethod):
         if not self.variant.diffusion:
             return super().training_loss(batch)
         images = batch["image"]
-        cond = self.condition(images)
+        cond = self.drop_prior(self.condition(images))
         y0, weight = self.label_targets(batch)
         n, p = len(images), self.params.num_points
         base = cond.prior if cond.prior is not None else torch.zeros((), device=images.device)
@@ -436,7 +446,19 @@ class DiffMICv2(ClassifierMethod):
         y_t = self.add_noise(z0, eps, t) + base
         target = eps if self.params.prediction == "epsilon" else z0
         se = (self.denoiser(y_t, cond.prior, cond.features, t).float() - target).pow(2).mean((2, 3))
-        return (se * weight).sum() / weight.sum().clamp_min(1e-8)
+        loss = (se * weight).sum() / weight.sum().clamp_min(1e-8)
+        if self.params.feature_loss_weight > 0:
+            loss = loss + self.params.feature_loss_weight * self.loss(self.head(cond.features), batch)
+        return loss
+
+    def drop_prior(self, cond: Conditioning) -> Conditioning:
+        """``prior_dropout``: replace M of a random share of the images by the uninformative prior (training)."""
+        rate = self.params.prior_dropout
+        if cond.prior is None or rate == 0:
+            return cond
+        dropped = torch.rand(len(cond.prior), 1, 1, 1, device=cond.prior.device) < rate
+        blank = torch.full_like(cond.prior, 0.5 if self.spec.multilabel else 1.0 / self.spec.num_classes)
+        return Conditioning(cond.features, torch.where(dropped, blank, cond.prior))
 
     # --- inference (Algorithm 2) -----------------------------------------------------------------------
     @torch.no_grad()
