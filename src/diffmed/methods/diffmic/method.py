@@ -457,8 +457,8 @@ class DiffMICv2(ClassifierMethod):
         if cond.prior is None or rate == 0:
             return cond
         dropped = torch.rand(len(cond.prior), 1, 1, 1, device=cond.prior.device) < rate
-        blank = torch.full_like(cond.prior, 0.5 if self.spec.multilabel else 1.0 / self.spec.num_classes)
-        return Conditioning(cond.features, torch.where(dropped, blank, cond.prior))
+        blank = 0.5 if self.spec.multilabel else 1.0 / self.spec.num_classes
+        return Conditioning(cond.features, cond.prior.masked_fill(dropped, blank))
 
     # --- inference (Algorithm 2) -----------------------------------------------------------------------
     @torch.no_grad()
