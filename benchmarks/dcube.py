@@ -56,6 +56,8 @@ PAPER_TABLE_IV = {"t4_baseline": (85.30, 75.82), "t4_lgen": (85.97, 77.10), "t4_
                   "t4_lcls": (88.26, 80.61), "dcube": (93.61, 89.69)}
 """Pancreas CT (Acc, F1) of the paper, for orientation only: a different dataset."""
 TABLE_VII_ROWS = [("x_0, t", "dcube"), ("x_t, t", "t7_xt"), ("x_0, 0", "t7_x0_0")]
+REBALANCE_NAMES = {"lgen": "lcont", "plain": "plain"}
+"""Generator folder names in ``benchmarks/rebalance.py``'s work (``--generators``)."""
 
 
 # ------------------------------------------------------------------ overrides
@@ -101,7 +103,7 @@ def dcube_params(args: argparse.Namespace, options: dict, generator_run: Path) -
 
 def generator(args: argparse.Namespace, dataset: str, seed: int, variant: str) -> Path:
     """The shared step-1 generator of (dataset, seed, variant): trained once, resumed if killed."""
-    run_dir = args.work / dataset / f"generator-{variant}-s{seed}"
+    run_dir = generator_dir(args, dataset, seed, variant)
     if (run_dir / GENERATOR_DIR / "model.json").is_file():
         return run_dir
     resume = (run_dir / "config.yaml").is_file()
@@ -113,9 +115,21 @@ def generator(args: argparse.Namespace, dataset: str, seed: int, variant: str) -
 
 
 def generator_seconds(run_dir: Path) -> float | None:
-    """Training seconds of a generator over all its segments (recorded in its model.json)."""
-    path = run_dir / GENERATOR_DIR / "model.json"
-    return json.loads(path.read_text()).get("train_seconds") if path.is_file() else None
+    """Training seconds of a generator over all its segments (its model.json, or the rebalancing benchmark's
+    bench_cost.json for a reused one)."""
+    for path in (run_dir / GENERATOR_DIR / "model.json", run_dir / "bench_cost.json"):
+        seconds = json.loads(path.read_text()).get("train_seconds") if path.is_file() else None
+        if seconds:
+            return seconds
+    return None
+
+
+def generator_dir(args: argparse.Namespace, dataset: str, seed: int, variant: str = "lgen") -> Path:
+    """The benchmark's own generator folder, or a finished one from ``--generators`` if it has none yet
+    (D-Cube's stage refuses a generator trained on other splits)."""
+    own = args.work / dataset / f"generator-{variant}-s{seed}"
+    reused = args.generators / f"{REBALANCE_NAMES[variant]}-s{seed}" if args.generators else None
+    return reused if reused and not own.is_dir() and (reused / GENERATOR_DIR / "model.json").is_file() else own
 
 
 def run_arm(args: argparse.Namespace, dataset: str, seed: int, arm: str) -> tuple[dict, Path]:
@@ -177,7 +191,7 @@ def compare_dataset(args: argparse.Namespace, dataset: str) -> tuple[dict, str]:
     arms = ["baseline", "dcube", "dcube_worst"] + ([] if args.skip_diffmic else ["diffmic_v2"])
     res = {arm: arm_results(args, dataset, arm) for arm in arms}
     base = res["baseline"]["summary"]
-    gen_s = [generator_seconds(args.work / dataset / f"generator-lgen-s{s}") for s in range(args.seeds)]
+    gen_s = [generator_seconds(generator_dir(args, dataset, s)) for s in range(args.seeds)]
     gen_mean = sum(g for g in gen_s if g) / max(1, sum(1 for g in gen_s if g))
     versus_base = {arm: paired(res[arm]["dirs"], res["baseline"]["dirs"], METRICS, args.n_boot)
                    for arm in arms if arm != "baseline"}
@@ -240,6 +254,9 @@ def main() -> None:
     ap.add_argument("--gen-epochs", type=int, default=200, help="step-1 generator epochs")
     ap.add_argument("--gen-backbone", default="uvit")
     ap.add_argument("--gen-size", default="small", help="tiny | small | base")
+    ap.add_argument("--generators", type=Path, default=None,
+                    help="reuse finished generators from this folder (lcont-sN / plain-sN, e.g. "
+                         "benchmarks/work/rebalance/generators) instead of training them")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate of every classifier (the paper's)")
     ap.add_argument("--weight-decay", type=float, default=1e-2)
