@@ -382,6 +382,8 @@ def test_engine_run_trains_the_dcg_stage_and_reloads(tmp_path, tiny_pneumonia):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     cost = metrics["cost"]
     assert cost["stage_seconds"] > 0 and cost["train_seconds"] > 0  # the DCG stage's time is reported apart
+    recorded = json.loads((run_dir / "stages" / "seconds.json").read_text())["seconds"]
+    assert recorded == pytest.approx(cost["stage_seconds"])  # a later process adds to it, not restarts from 0
     method, meta, _ = load_trained(run_dir)
     x = torch.randn(3, 1, 28, 28)
     again, _, _ = load_trained(run_dir)

@@ -139,3 +139,13 @@ def test_last_checkpoint_follows_every_epoch_even_without_improvement(tmp_path):
     ckpt = lambda name: torch.load(tmp_path / "checkpoints" / f"{name}.ckpt", weights_only=True)  # noqa: E731
     assert ckpt("best")["epoch"] == 0
     assert ckpt("last")["epoch"] == 2 and ckpt("last")["global_step"] == 6
+
+
+def test_stage_seconds_add_up_over_the_processes_of_a_run(tmp_path):
+    from diffmed.engine.run import _add_stage_seconds
+
+    assert _add_stage_seconds(tmp_path, 3.0) == 3.0 and not (tmp_path / "stages").exists()  # no stages: nothing kept
+    (tmp_path / "stages").mkdir()
+    assert _add_stage_seconds(tmp_path, 100.0) == 100.0  # the process that trained the stages
+    assert _add_stage_seconds(tmp_path, 0.5) == 100.5  # a resumed one that only reloaded them
+    assert json.loads((tmp_path / "stages" / "seconds.json").read_text()) == {"seconds": 100.5}

@@ -1,6 +1,7 @@
 """A training run end to end: folder, data, stages, fit, best weights, calibration, test metrics, report."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -63,13 +64,25 @@ def _stage_trainer_factory(cfg: RunConfig):
     return make
 
 
+def _add_stage_seconds(run_dir: Path, seconds: float) -> float:
+    """The stages' wall time summed over the run's processes: one resumed after its stages finished
+    reloads their weights in about 0 s, and a per-process clock would forget the training."""
+    path = run_dir / "stages" / "seconds.json"
+    if not path.parent.is_dir():
+        return seconds
+    total = seconds + (json.loads(path.read_text())["seconds"] if path.is_file() else 0.0)
+    if not is_ddp_child():
+        atomic_write_json(path, {"seconds": total})
+    return total
+
+
 def _fit(cfg: RunConfig, data: PreparedData, run_dir: Path, resume: bool):
     """Stages, then the main fit; returns the method with its best (validation-chosen) weights."""
     method = _build_method(cfg, data)
     dm = make_datamodule(cfg, data, getattr(method.params, "balanced_sampler", False))
     started = time.perf_counter()
     method.fit_stages(StageContext(dm, run_dir, _stage_trainer_factory(cfg), resume))
-    stage_seconds = time.perf_counter() - started  # about 0 when the stages' weights were already there
+    stage_seconds = _add_stage_seconds(run_dir, time.perf_counter() - started)
     trainer = build_trainer(cfg.train, run_dir)
     last = run_dir / CKPT_DIR / "last.ckpt"
     if resume and not last.is_file():

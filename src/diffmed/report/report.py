@@ -25,7 +25,7 @@ METRIC_NAMES = {"acc": "Accuracy", "balanced_acc": "Balanced accuracy", "auc": "
                 "f1_macro": "F1 (macro)", "precision_macro": "Precision (macro)", "recall_macro": "Recall (macro)",
                 "kappa": "Cohen's kappa", "kappa_quadratic": "Quadratic-weighted kappa",
                 "ece": "ECE (15 bins)", "nll": "NLL", "brier": "Brier score"}
-COST_NAMES = {"train_seconds": "Training time, main fit (s)", "stage_seconds": "Pre-training stages, this process (s)",
+COST_NAMES = {"train_seconds": "Training time, main fit (s)", "stage_seconds": "Pre-training stages, all processes (s)",
               "images_per_second": "Training throughput (images/s)",
               "peak_memory_mb": "Peak memory (MB)", "infer_seconds_per_image": "Inference time per image (s)",
               "forward_passes_per_image": "Forward passes per image"}
