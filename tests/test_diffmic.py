@@ -392,6 +392,12 @@ def test_engine_run_trains_the_dcg_stage_and_reloads(tmp_path, tiny_pneumonia):
     default = swept["shared noise, 1 chain, 10 steps (default)"]["test"]
     assert default["auc"] == pytest.approx(metrics["test"]["auc"], abs=1e-6)  # the default setting is the run itself
     assert len(swept) == 6 and swept["per-image noise, 1 chain, 10 steps"]["test"] != default
+    assert swept["DCG prior M alone"].keys() == {"train", "val", "test"}
+    cache = run_dir / "sweep.json"  # a cache from before the training-split check gains only that split
+    old = json.loads(cache.read_text())
+    del old["DCG prior M alone"]["train"]
+    cache.write_text(json.dumps(old))
+    assert diffmic_benchmark().sweep_run(run_dir) == swept
 
 
 # --- configuration errors ----------------------------------------------------------------------------
