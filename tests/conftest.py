@@ -76,6 +76,17 @@ def tiny_generator_run(tmp_path_factory, tiny_pneumonia) -> Path:
     return train_generator(cfg, tmp_path_factory.mktemp("generator") / "run", TINY_GENERATOR)
 
 
+def load_benchmark(name: str):
+    """A script of ``benchmarks/`` as a module (they are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def tiny_overrides(npz: Path, **extra) -> list[str]:
     """A fast config: 2 epochs, small batches, few bootstrap resamples, no progress bar."""
     base = {"data.source": str(npz), "train.max_epochs": 2, "train.batch_size": 32, "train.progress": False,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import tiny_overrides
+from conftest import load_benchmark, tiny_overrides
 from diffmed.config import OptimConfig, load_config
 from diffmed.data.types import TaskSpec
 from diffmed.diffusion.generative import ClassConditionalDiffusion, GenerativeParams
@@ -316,3 +316,21 @@ def test_analyze_cli_writes_the_figure_and_selection(trained_run, tmp_path):
     assert len(selection.best) == 1 and analysis.timesteps == [0, 100] and (out / "gaussianity.png").is_file()
     bad = CliRunner().invoke(app, ["dcube", "analyze", str(tmp_path)])
     assert bad.exit_code == 2 and "no trained generator" in bad.output.replace("\n", " ")
+
+
+def test_benchmark_reuses_a_finished_generator_of_the_rebalancing_benchmark_only(tmp_path):
+    import argparse
+
+    from diffmed.diffusion.generative import GENERATOR_DIR
+
+    bench = load_benchmark("dcube")
+    args = argparse.Namespace(work=tmp_path / "work", generators=tmp_path / "rebalance")
+    own = tmp_path / "work" / "ds" / "generator-lgen-s0"
+    assert bench.generator_dir(args, "ds", 0) == own  # nothing to reuse
+    (tmp_path / "rebalance" / "lcont-s0" / GENERATOR_DIR).mkdir(parents=True)
+    assert bench.generator_dir(args, "ds", 0) == own  # an unfinished generator is not reused
+    (tmp_path / "rebalance" / "lcont-s0" / GENERATOR_DIR / "model.json").write_text("{}")
+    assert bench.generator_dir(args, "ds", 0) == tmp_path / "rebalance" / "lcont-s0"
+    assert bench.generator_dir(args, "ds", 0, "plain") == tmp_path / "work" / "ds" / "generator-plain-s0"
+    own.mkdir(parents=True)  # the benchmark's own (e.g. killed) training is resumed, not replaced
+    assert bench.generator_dir(args, "ds", 0) == own

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA, tiny_overrides
+from conftest import DATA, tiny_overrides, load_benchmark
 from diffmed.config import OptimConfig, TrainConfig, load_config
 from diffmed.data.dataset import DataModule
 from diffmed.data.types import LabelledSet, TaskSpec
@@ -388,7 +388,7 @@ def test_engine_run_trains_the_dcg_stage_and_reloads(tmp_path, tiny_pneumonia):
     x = torch.randn(3, 1, 28, 28)
     again, _, _ = load_trained(run_dir)
     torch.testing.assert_close(method.predict_logits(x), again.predict_logits(x))
-    swept = diffmic_benchmark().sweep_run(run_dir)  # re-read under other inference settings
+    swept = load_benchmark("diffmic").sweep_run(run_dir)  # re-read under other inference settings
     default = swept["shared noise, 1 chain, 10 steps (default)"]["test"]
     assert default["auc"] == pytest.approx(metrics["test"]["auc"], abs=1e-6)  # the default setting is the run itself
     assert len(swept) == 6 and swept["per-image noise, 1 chain, 10 steps"]["test"] != default
@@ -397,7 +397,7 @@ def test_engine_run_trains_the_dcg_stage_and_reloads(tmp_path, tiny_pneumonia):
     old = json.loads(cache.read_text())
     del old["DCG prior M alone"]["train"]
     cache.write_text(json.dumps(old))
-    assert diffmic_benchmark().sweep_run(run_dir) == swept
+    assert load_benchmark("diffmic").sweep_run(run_dir) == swept
 
 
 # --- configuration errors ----------------------------------------------------------------------------
@@ -418,20 +418,10 @@ def test_bad_options_name_the_option():
         make(TaskSpec("multilabel", ["a", "b"], 1, 28, three_way_columns=[0]))
 
 
-def diffmic_benchmark(name: str = "diffmic"):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_ablation_rows_with_a_dcg_reuse_the_full_runs_stage(tmp_path):
     import argparse
 
-    bench = diffmic_benchmark()
+    bench = load_benchmark("diffmic")
     args = argparse.Namespace(work=tmp_path)
     source = bench.run_dir_of(args, "pneumoniamnist", "full", 8, 0) / "stages" / "dcg" / DCG_WEIGHTS
     bench.share_dcg_stage(args, "pneumoniamnist", "c3", 8, 0)  # nothing to share yet: c3 will train its own
@@ -446,7 +436,7 @@ def test_ablation_rows_with_a_dcg_reuse_the_full_runs_stage(tmp_path):
 
 
 def test_cost_benchmark_times_every_component():
-    cost = diffmic_benchmark("diffmic_cost")
+    cost = load_benchmark("diffmic_cost")
     m = make().eval()
     parts = cost.components(m, torch.randn(4, 1, 28, 28))
     assert len(parts) == 6 and any(name.startswith("label UNet x 10") for name in parts)
