@@ -205,7 +205,11 @@ def with_cis(result: dict, run_dir: Path, n_boot: int) -> dict:
 
 @torch.no_grad()
 def classifier_cost(run_dir: Path, n_images: int) -> list[dict]:
-    """Test-set accuracy, DiT passes and seconds per image with adaptive pruning and with full evaluation."""
+    """Test-set accuracy, DiT passes and seconds per image with adaptive pruning and with full evaluation;
+    measured once per run (``pruning_cost.json``), so rewriting the tables does not re-time under another load."""
+    cache = run_dir / "pruning_cost.json"
+    if cache.is_file() and (done := json.loads(cache.read_text()))["n_images"] == n_images:
+        return done["rows"]
     method, meta, cfg, data = trained_run(run_dir)
     data.sets["test"] = data.sets["test"].subset(np.arange(min(n_images, len(data.sets["test"]))))
     loader = make_datamodule(cfg, data).eval_loader("test")
@@ -226,6 +230,7 @@ def classifier_cost(run_dir: Path, n_images: int) -> list[dict]:
                      "agreement_with_full": float((preds[-1] == preds[0]).mean()), "n_images": len(out.logits)})
     for r in rows:
         r["passes_vs_full"] = r["forward_passes_per_image"] / rows[0]["forward_passes_per_image"]
+    atomic_write_json(cache, {"n_images": n_images, "rows": rows})
     return rows
 
 
