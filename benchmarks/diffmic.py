@@ -144,11 +144,12 @@ def prior_alone(run_dir: Path) -> dict:
 
 def sweep_run(run_dir: Path) -> dict[str, dict]:
     """{setting: {"val": metrics, "test": metrics}} of one finished run, and the prior M alone; kept in the run
-    folder (``sweep.json``) and read back while the settings are the same."""
+    folder (``sweep.json``): each setting and split is computed once, a new one only when it is missing."""
     cache = run_dir / "sweep.json"
-    out = json.loads(cache.read_text()) if cache.is_file() else {}
+    kept = {"DCG prior M alone", *SWEEP}  # a setting dropped from SWEEP is dropped from the cache too
+    out = {k: v for k, v in (json.loads(cache.read_text()) if cache.is_file() else {}).items() if k in kept}
     prior = out.get("DCG prior M alone", {})
-    if out.keys() == {"DCG prior M alone", *SWEEP} and prior.keys() == set(PRIOR_SPLITS):
+    if out.keys() == kept and prior.keys() == set(PRIOR_SPLITS):
         return out
     method, _, cfg, data = trained_run(run_dir)
     # the training split tells whether the frozen DCG memorised its images (then the denoiser learns to copy M)
