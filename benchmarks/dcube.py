@@ -138,7 +138,9 @@ def run_arm(args: argparse.Namespace, dataset: str, seed: int, arm: str) -> tupl
     if arm == "baseline":
         overrides += ["method.name=baseline", "method.params.backbone=resnet18"]
     elif arm == "diffmic_v2":
-        overrides += ["method.name=diffmic_v2", *(f"method.params.{kv}" for kv in args.diffmic_params)]
+        # its DCG prior stage trains as many epochs as every classifier (as in benchmarks/diffmic.py)
+        overrides += ["method.name=diffmic_v2", f"method.params.dcg_epochs={args.epochs}",
+                      *(f"method.params.{kv}" for kv in args.diffmic_params)]
     else:
         variant, options = ARMS[arm]
         gen = generator(args, dataset, seed, variant)
