@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import tiny_overrides
 from diffmed.config import OptimConfig, load_config
@@ -126,6 +126,12 @@ def test_ema_option_trains(tmp_path, tiny_pneumonia):
     run_dir = train(load_config(None, tiny_overrides(tiny_pneumonia, **{"train.max_epochs": 1, "train.ema_decay": 0.9})),
                     tmp_path / "ema")
     assert (run_dir / "metrics.json").is_file()
+    best = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    averaged, raw = best["state_dict"], best["current_model_state"]  # Lightning's WeightAveraging keeps both
+    exported = load_file(str(run_dir / "model" / "model.safetensors"))
+    changed = [k for k in raw if raw[k].is_floating_point() and not torch.equal(raw[k], averaged[k])]
+    assert changed and all(torch.equal(exported[k], averaged[k]) for k in changed if k in exported)
+    assert any(k in exported for k in changed)  # the exported model is the averaged one
 
 
 @pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])

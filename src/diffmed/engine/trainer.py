@@ -100,9 +100,10 @@ def build_trainer(cfg: TrainConfig, out_dir: Path, max_epochs: int | None = None
     monitor, mode = monitor or cfg.monitor, mode or cfg.monitor_mode
     ema = cfg.ema_decay if ema_decay == -1.0 else ema_decay
     callbacks: list[L.Callback] = [
-        # weights only: best is read for its state_dict alone, resuming reads last; a third of the disk
+        # not save_weights_only: Lightning then skips the callbacks' on_save_checkpoint, and EMA's puts the
+        # averaged weights into state_dict, so best would hold the raw ones
         ModelCheckpoint(dirpath=out_dir / CKPT_DIR, filename="best", monitor=monitor, mode=mode, save_top_k=1,
-                        auto_insert_metric_name=False, enable_version_counter=False, save_weights_only=True),
+                        auto_insert_metric_name=False, enable_version_counter=False),
         # its own callback: Lightning's save_last only writes when "best" improved, so an epoch without
         # improvement left last.ckpt stale and a resume after a kill silently redid those epochs
         ModelCheckpoint(dirpath=out_dir / CKPT_DIR, filename="last", monitor=None, save_top_k=1,
