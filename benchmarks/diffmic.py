@@ -178,16 +178,22 @@ def sweep(args: argparse.Namespace, epochs: dict[str, int]) -> tuple[dict, str]:
         results[dataset] = {"seeds": seeds, "per_seed": per_seed}
         rows = [[name, *(f"{mean_std(r[name][split][m] for r in per_seed)[0]:.3f}"
                          for split in ("val", "test") for m in SWEEP_METRICS)] for name in per_seed[0]]
-        prior = [[split, *(fmt(dict(zip(("mean", "std"), mean_std(r["DCG prior M alone"][split][m] for r in per_seed))))
-                           for m in SWEEP_METRICS)] for split in PRIOR_SPLITS]
+        prior = [[split, *(spread(r["DCG prior M alone"][split][m] for r in per_seed) for m in SWEEP_METRICS)]
+                 for split in PRIOR_SPLITS]
         md += [f"## {dataset} ({epochs[dataset]} epochs, seeds {', '.join(map(str, seeds))})\n",
                markdown_table(header, rows), "DCG prior M alone on each split (a memorised training split would "
                "teach the denoiser to copy M):\n", markdown_table(["split", *SWEEP_METRICS], prior), ""]
     return results, "\n".join(md)
 
 
+def spread(values) -> str:
+    """'mean ± std' of per-seed values."""
+    mean, std = mean_std(values)
+    return fmt({"mean": mean, "std": std})
+
+
 def prior_row(per_seed: list[dict]) -> list[str]:
-    cells = [fmt(dict(zip(("mean", "std"), mean_std(r[k] for r in per_seed)))) for k in METRICS]
+    cells = [spread(r[k] for r in per_seed) for k in METRICS]
     return ["DCG prior M alone (same runs)", *cells, *["-"] * (len(HEADER) - 1 - len(METRICS))]
 
 
