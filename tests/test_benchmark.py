@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import run_killed
+from conftest import load_benchmark, run_killed
 from diffmed.benchmark import run_benchmark
 from diffmed.benchmark.arms import parse_methods
 from diffmed.errors import ConfigError
@@ -41,6 +41,15 @@ def test_killed_benchmark_resumes_to_the_uninterrupted_table(tmp_path, tiny_pneu
     for section in ("methods", "results", "significance", "cost", "roc", "confusion", "reliability",
                     "per-class-recall", "diffusion"):
         assert f'<section id="{section}">' in page
+
+    # benchmarks/full.py commits a benchmark's report from the seeds on which every method has finished
+    full, names = load_benchmark("full"), parse_methods(methods)
+    result = full.report(killed, tmp_path / "results", 1, names)
+    assert _results(tmp_path / "results" / "killed") == _results(killed)
+    assert (tmp_path / "results" / "killed" / "configs" / "class_weighted-s0.yaml").is_file()
+    assert "| class_weighted | " in full.table({"pneumoniamnist": result})
+    (killed / "runs" / "class_weighted-s0" / "metrics.json").unlink()
+    assert full.report(killed, tmp_path / "results", 1, names) is None
 
 
 def test_method_list_is_checked_and_always_has_the_baseline():

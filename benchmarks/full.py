@@ -1,0 +1,113 @@
+"""The `full` benchmark behind the README's main table: `diffmed benchmark --budget full` on the project's four
+datasets, and one table across them next to the published numbers.
+
+Each dataset is an ordinary resumable `diffmed benchmark` folder under ``--work`` (rerun to resume; finished runs
+are read back). ``--finished-only`` trains nothing and reports, per dataset, the seeds whose runs of every method
+have finished, so a partly done benchmark can be committed as it stands.
+
+    python benchmarks/full.py --datasets pneumoniamnist --seeds 3            # train (or resume) and report
+    python benchmarks/full.py --finished-only                                 # report what has finished
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from diffmed.bench import dataset_overrides, markdown_table, save_configs
+from diffmed.benchmark import ARMS, BUDGETS, collect, run_benchmark, write_benchmark_report
+from diffmed.benchmark.arms import parse_methods, plan_jobs
+
+DATASETS = ("pneumoniamnist", "pneumoniamnist_imbalanced", "retinamnist", "ham10000")
+PUBLISHED = {  # ../shared/data/README.md: MedMNIST v2 Table 3 ResNet-18 (28 px, 100 epochs), ACC / AUC
+    "pneumoniamnist": "MedMNIST v2 ResNet-18 (28): ACC 0.854, AUC 0.944; ResNet-50 (224): 0.884 / 0.962; "
+                      "MedMNIST+ ResNet-18 (28, ImageNet-pretrained): 0.831 / 0.950",
+    "retinamnist": "MedMNIST v2 ResNet-18 (28): ACC 0.524, AUC 0.717; ResNet-50 (28): 0.528 / 0.726; "
+                   "MedMNIST+ ResNet-18 (28, ImageNet-pretrained): 0.523 / 0.704",
+    "pneumoniamnist_imbalanced": "no published numbers (a project subset: 388 of the 1214 normal training images)",
+    "ham10000": "no published numbers at 64 px (the DiffMIC papers report 224 px with pretrained encoders)",
+}
+SHOWN = ("acc", "balanced_acc", "f1_macro", "auc")
+
+
+def finished_seeds(runs: dict[str, list[Path]]) -> list[int]:
+    """Indices of the seeds whose runs of every method have finished."""
+    n = len(next(iter(runs.values())))
+    return [i for i in range(n) if all((dirs[i] / "metrics.json").is_file() for dirs in runs.values())]
+
+
+def report(work: Path, out: Path, seeds: int, methods: list[str]) -> dict | None:
+    """Write the benchmark report of ``work`` from its finished seeds; copy it and the run configs to ``out``."""
+    plan = plan_jobs(methods, [], list(range(seeds)), BUDGETS["full"], work)  # only its run folders are used
+    done = finished_seeds(plan["runs"])
+    if not done:
+        return None
+    runs = {m: [dirs[i] for i in done] for m, dirs in plan["runs"].items()}
+    result = collect(runs, n_boot=1000)
+    result["budget"], result["methods_run"] = "full", methods
+    md, _ = write_benchmark_report(work, runs, result, {m: ARMS[m].about for m in methods})
+    dest = out / work.name
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ("benchmark.json", "benchmark.md"):
+        shutil.copyfile(work / f, dest / f)
+    save_configs([d for dirs in runs.values() for d in dirs], dest)
+    return result
+
+
+def cell(stat: dict) -> str:
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
+
+
+def vs_baseline(entry: dict) -> str:
+    if "vs_baseline" not in entry:
+        return "—"
+    d = entry["vs_baseline"]
+    return "; ".join(f"{k} {d[k]['diff']:+.3f} (p={d[k]['p_value']:.3g})" for k in ("f1_macro", "auc"))
+
+
+def table(results: dict[str, dict]) -> str:
+    b = BUDGETS["full"]
+    parts = [f"Budget `full`: classifier epochs {b.epochs}, generator {b.generator}, {b.generate_steps} sampling "
+             f"steps, synthetic images fill every class to {b.balance_to:g} x the largest; test split, each cell mean "
+             "± std over seeds [95% bootstrap CI of the seed mean]; model chosen on validation only. The last "
+             "column is the seed-mean difference to the baseline with its paired bootstrap p-value.\n"]
+    for name, result in results.items():
+        parts.append(f"## {name} (seeds {result['seeds']})\n\nPublished: {PUBLISHED[name]}.\n")
+        rows = [[m, *(cell(e["metrics"][k]) for k in SHOWN), vs_baseline(e),
+                 f"{e['cost']['infer_seconds_per_image'] * 1e3:.1f}", f"{e['cost']['train_seconds']:.0f}"]
+                for m, e in result["methods"].items()]
+        parts.append(markdown_table(["method", *SHOWN, "vs baseline", "ms / test image", "train s"], rows))
+    return "\n".join(parts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    ap.add_argument("--seeds", type=int, default=BUDGETS["full"].seeds, help="seeds per method")
+    ap.add_argument("--methods", default="all")
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+    ap.add_argument("--finished-only", action="store_true", help="train nothing; report the finished seeds")
+    ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "full")
+    ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "benchmark-full")
+    args = ap.parse_args()
+    methods = parse_methods(args.methods)
+    results = {}
+    for name in args.datasets:
+        work = args.work / name
+        if not args.finished_only:  # the benchmark reads a HAM10000-style folder's columns itself
+            source = dataset_overrides(name, args.data_dir)[0].split("=", 1)[1]
+            run_benchmark(source, work, args.methods, args.seeds, "full", args.jobs)
+        result = report(work, args.out, args.seeds, methods)
+        if result is None:
+            print(f"{name}: no seed has finished every method yet")
+        else:
+            results[name] = result
+    if results:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.md").write_text(table(results))
+        print((args.out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
