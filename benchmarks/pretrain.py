@@ -79,11 +79,22 @@ ROWS = {  # name: (label, pre-training it needs or None, method overrides)
     "dit_rep_zero_pt": ("Representation DiT + Zero, per timestep, class bias", "representation", []),
     "dit_uncond_eps": ("Unconditional DiT + Diffusion Classifier (epsilon), class bias", "unconditional", []),
     "dit_rep_eps": ("Representation DiT + Diffusion Classifier (epsilon), class bias", "representation", []),
+    "dit_uncond_eps_sel": ("Unconditional DiT + Diffusion Classifier (epsilon), class bias, chosen under epsilon",
+                           "unconditional", ["method.name=diffusion_classifier", "method.params.score=epsilon"]),
+    "dit_rep_eps_sel": ("Representation DiT + Diffusion Classifier (epsilon), class bias, chosen under epsilon",
+                        "representation", ["method.name=diffusion_classifier", "method.params.score=epsilon"]),
     "dit_uncond_probe": ("Unconditional DiT + linear probe (tokens)", "unconditional", ["method.name=dit_probe"]),
     "dit_rep_probe": ("Representation DiT + linear probe (r)", "representation", ["method.name=dit_probe"]),
 }
 PRUNE_AFTER = (3, 2, 1)
 """First-round lengths of the cost table, besides the model's default (half the evaluations)."""
+
+
+def tunes_denoiser(name: str) -> bool:
+    """Rows that tune the DiT class-conditionally themselves (the Zero rows and the "chosen under epsilon" rows:
+    the same tuning, so the same weights per epoch, with the best epoch chosen on validation under their own
+    readout; the re-scored rows reuse the Zero row's choice)."""
+    return "method.name=diffusion_classifier" in ROWS[name][2]
 
 
 def diffusion_optim(s: dict) -> list[str]:
@@ -149,13 +160,13 @@ def run(name: str, data: Path, seed: int, s: dict, work: Path) -> tuple[dict, Pa
             rescore(base_dir, run_dir, score, norm)
         return with_cis(json.loads((run_dir / "metrics.json").read_text()), run_dir, s["bootstrap"]), run_dir
     _, kind, method = ROWS[name]
-    epochs = s.get("zero_tune_epochs", s["tune_epochs"]) if name.endswith("zero") else s["tune_epochs"]
+    epochs = s.get("zero_tune_epochs", s["tune_epochs"]) if tunes_denoiser(name) else s["tune_epochs"]
     overrides = common(data, seed, s) + method + ["data.train_fraction=0.1", f"train.max_epochs={epochs}"]
     if kind is not None:
         overrides.append(f"method.params.pretrained_run={pretrained(kind, data, seed, s, work)}")
     if kind in ("unconditional", "representation"):
         overrides += [f"method.params.mode={kind}", *dit_params(s)]
-        overrides += diffusion_optim(s) if name.endswith("zero") else []
+        overrides += diffusion_optim(s) if tunes_denoiser(name) else []
     result = run_or_resume(overrides, run_dir)
     return with_cis(result, run_dir, s["bootstrap"]), run_dir
 
