@@ -45,7 +45,7 @@ def report(work: Path, out: Path, seeds: int, methods: list[str]) -> dict | None
     runs = {m: [dirs[i] for i in done] for m, dirs in plan["runs"].items()}
     result = collect(runs, n_boot=1000)
     result["budget"], result["methods_run"] = "full", methods
-    md, _ = write_benchmark_report(work, runs, result, {m: ARMS[m].about for m in methods})
+    write_benchmark_report(work, runs, result, {m: ARMS[m].about for m in methods})
     dest = out / work.name
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("benchmark.json", "benchmark.md"):
