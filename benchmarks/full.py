@@ -15,8 +15,10 @@ import shutil
 from pathlib import Path
 
 from diffmed.bench import dataset_overrides, markdown_table, save_configs
-from diffmed.benchmark import ARMS, BUDGETS, collect, run_benchmark, write_benchmark_report
+from diffmed.benchmark import BUDGETS, data_overrides, write_report
 from diffmed.benchmark.arms import parse_methods, plan_jobs
+from diffmed.benchmark.report import seed_cell
+from diffmed.benchmark.runner import run_jobs
 
 DATASETS = ("pneumoniamnist", "pneumoniamnist_imbalanced", "retinamnist", "ham10000")
 PUBLISHED = {  # ../shared/data/README.md: MedMNIST v2 Table 3 ResNet-18 (28 px, 100 epochs), ACC / AUC
@@ -30,32 +32,26 @@ PUBLISHED = {  # ../shared/data/README.md: MedMNIST v2 Table 3 ResNet-18 (28 px,
 SHOWN = ("acc", "balanced_acc", "f1_macro", "auc")
 
 
-def finished_seeds(runs: dict[str, list[Path]]) -> list[int]:
+def finished_seeds(plan: dict) -> list[int]:
     """Indices of the seeds whose runs of every method have finished."""
-    n = len(next(iter(runs.values())))
-    return [i for i in range(n) if all((dirs[i] / "metrics.json").is_file() for dirs in runs.values())]
+    done = {job.out for job in plan["jobs"] if job.finished}
+    runs = plan["runs"].values()
+    return [i for i in range(len(next(iter(runs)))) if all(dirs[i] in done for dirs in runs)]
 
 
-def report(work: Path, out: Path, seeds: int, methods: list[str]) -> dict | None:
+def report(plan: dict, work: Path, out: Path, methods: list[str]) -> dict | None:
     """Write the benchmark report of ``work`` from its finished seeds; copy it and the run configs to ``out``."""
-    plan = plan_jobs(methods, [], list(range(seeds)), BUDGETS["full"], work)  # only its run folders are used
-    done = finished_seeds(plan["runs"])
+    done = finished_seeds(plan)
     if not done:
         return None
     runs = {m: [dirs[i] for i in done] for m, dirs in plan["runs"].items()}
-    result = collect(runs, n_boot=1000)
-    result["budget"], result["methods_run"] = "full", methods
-    write_benchmark_report(work, runs, result, {m: ARMS[m].about for m in methods})
+    result, _, _ = write_report(work, runs, "full", methods)
     dest = out / work.name
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("benchmark.json", "benchmark.md"):
         shutil.copyfile(work / f, dest / f)
     save_configs([d for dirs in runs.values() for d in dirs], dest)
     return result
-
-
-def cell(stat: dict) -> str:
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
 
 
 def vs_baseline(entry: dict) -> str:
@@ -73,7 +69,7 @@ def table(results: dict[str, dict]) -> str:
              "column is the seed-mean difference to the baseline with its paired bootstrap p-value.\n"]
     for name, result in results.items():
         parts.append(f"## {name} (seeds {result['seeds']})\n\nPublished: {PUBLISHED[name]}.\n")
-        rows = [[m, *(cell(e["metrics"][k]) for k in SHOWN), vs_baseline(e),
+        rows = [[m, *(seed_cell(e["metrics"][k]) for k in SHOWN), vs_baseline(e),
                  f"{e['cost']['infer_seconds_per_image'] * 1e3:.1f}", f"{e['cost']['train_seconds']:.0f}"]
                 for m, e in result["methods"].items()]
         parts.append(markdown_table(["method", *SHOWN, "vs baseline", "ms / test image", "train s"], rows))
@@ -95,10 +91,12 @@ def main() -> None:
     results = {}
     for name in args.datasets:
         work = args.work / name
-        if not args.finished_only:  # the benchmark reads a HAM10000-style folder's columns itself
-            source = dataset_overrides(name, args.data_dir)[0].split("=", 1)[1]
-            run_benchmark(source, work, args.methods, args.seeds, "full", args.jobs)
-        result = report(work, args.out, args.seeds, methods)
+        # the benchmark reads a HAM10000-style folder's columns itself
+        data = data_overrides(dataset_overrides(name, args.data_dir)[0].split("=", 1)[1], [])
+        plan = plan_jobs(methods, data, list(range(args.seeds)), BUDGETS["full"], work)
+        if not args.finished_only:
+            run_jobs(plan["jobs"], workers=args.jobs)
+        result = report(plan, work, args.out, methods)
         if result is None:
             print(f"{name}: no seed has finished every method yet")
         else:

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from conftest import load_benchmark, run_killed
-from diffmed.benchmark import run_benchmark
-from diffmed.benchmark.arms import parse_methods
+from diffmed.benchmark import BUDGETS, run_benchmark
+from diffmed.benchmark.arms import parse_methods, plan_jobs
 from diffmed.errors import ConfigError
 
 SMALL = ["train.batch_size=32", "eval.bootstrap=50"]
@@ -44,12 +44,13 @@ def test_killed_benchmark_resumes_to_the_uninterrupted_table(tmp_path, tiny_pneu
 
     # benchmarks/full.py commits a benchmark's report from the seeds on which every method has finished
     full, names = load_benchmark("full"), parse_methods(methods)
-    result = full.report(killed, tmp_path / "results", 1, names)
+    plan = plan_jobs(names, [], [0], BUDGETS["full"], killed)
+    result = full.report(plan, killed, tmp_path / "results", names)
     assert _results(tmp_path / "results" / "killed") == _results(tmp_path / "straight")
     assert (tmp_path / "results" / "killed" / "configs" / "class_weighted-s0.yaml").is_file()
     assert "| class_weighted | " in full.table({"pneumoniamnist": result})
     (killed / "runs" / "class_weighted-s0" / "metrics.json").unlink()
-    assert full.report(killed, tmp_path / "results", 1, names) is None
+    assert full.report(plan, killed, tmp_path / "results", names) is None
 
 
 def test_method_list_is_checked_and_always_has_the_baseline():

@@ -28,9 +28,16 @@ def run_benchmark(data: str, out: Path, methods: str = "all", seeds: int | None 
     names = parse_methods(methods)
     plan = plan_jobs(names, data_overrides(data, overrides), list(range(seeds or b.seeds)), b, Path(out))
     run_jobs(plan["jobs"], workers=workers, gpus=gpus)
-    result = collect(plan["runs"], n_boot=1000)
+    _, md, html = write_report(Path(out), plan["runs"], budget, names)
+    return md, html
+
+
+def write_report(out: Path, runs: dict[str, list[Path]], budget: str, names: list[str]) -> tuple[dict, Path, Path]:
+    """``benchmark.json``, ``.md`` and ``.html`` of finished runs ({method: run folders by seed}) under ``out``."""
+    result = collect(runs, n_boot=1000)
     result["budget"], result["methods_run"] = budget, names
-    return write_benchmark_report(Path(out), plan["runs"], result, {m: ARMS[m].about for m in names})
+    md, html = write_benchmark_report(out, runs, result, {m: ARMS[m].about for m in names})
+    return result, md, html
 
 
-__all__ = ["run_benchmark", "ARMS", "BUDGETS"]
+__all__ = ["run_benchmark", "write_report", "ARMS", "BUDGETS"]

@@ -37,13 +37,14 @@ def collect(runs: dict[str, list[Path]], n_boot: int = 1000) -> dict:
     return out
 
 
-def _fmt(s: dict) -> str:
+def seed_cell(s: dict) -> str:
+    """'mean ± std [CI low, high]' of a ``seed_pooled_ci`` entry."""
     return f"{s['mean']:.3f} ± {s['std']:.3f} [{s['low']:.3f}, {s['high']:.3f}]"
 
 
 def _tables(result: dict) -> list[Section]:
     methods = result["methods"]
-    main = Table(["method", *METRICS, "ece"], [[m, *(_fmt(e["metrics"][k]) for k in METRICS),
+    main = Table(["method", *METRICS, "ece"], [[m, *(seed_cell(e["metrics"][k]) for k in METRICS),
                                                  "{:.3f} ± {:.3f}".format(*e["ece"])] for m, e in methods.items()])
     sig_rows = [[m, *(f"{e['vs_baseline'][k]['diff']:+.3f} (p={e['vs_baseline'][k]['p_value']:.3g})" for k in TESTED),
                  ", ".join(f"{p:.3g}" for p in e["vs_baseline"]["mcnemar_p"])]
