@@ -2,8 +2,11 @@
 datasets, and one table across them next to the published numbers.
 
 Each dataset is an ordinary resumable `diffmed benchmark` folder under ``--work`` (rerun to resume; finished runs
-are read back). ``--finished-only`` trains nothing and reports, per dataset, the seeds whose runs of every method
-have finished, so a partly done benchmark can be committed as it stands.
+are read back). Each finished run's record (what the report reads of it: config, metrics, test predictions, plots;
+no weights) is copied under ``--out``/<dataset>/runs, and put back into an empty work folder, so the committed
+records carry a benchmark across machines and sessions: only the missing runs are trained. ``--finished-only``
+trains nothing and reports, per dataset, the seeds whose runs of every method have finished, so a partly done
+benchmark can be committed as it stands.
 
     python benchmarks/full.py --datasets pneumoniamnist --seeds 3            # train (or resume) and report
     python benchmarks/full.py --finished-only                                 # report what has finished
@@ -14,7 +17,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from diffmed.bench import dataset_overrides, markdown_table, save_configs
+from diffmed.bench import dataset_overrides, markdown_table
 from diffmed.benchmark import BUDGETS, data_overrides, write_report
 from diffmed.benchmark.arms import parse_methods, plan_jobs
 from diffmed.benchmark.report import seed_cell
@@ -32,6 +35,30 @@ PUBLISHED = {  # ../shared/data/README.md: MedMNIST v2 Table 3 ResNet-18 (28 px,
 SHOWN = ("acc", "balanced_acc", "f1_macro", "auc")
 
 
+RECORD = ("config.yaml", "metrics.json", "predictions.csv", "model/model.json", "plots/*.png", "**/gaussianity.png",
+          "**/*trajectory*.png", "**/*gradcam*.png")
+"""What the benchmark report reads of a run (the checkpoints stay in the work folder)."""
+
+
+def keep_records(plan: dict, out: Path) -> None:
+    """Copy the record of every finished run to ``out``/runs (each run once, then left as it is)."""
+    for run_dir in (d for dirs in plan["runs"].values() for d in dirs):
+        dest = out / "runs" / run_dir.name
+        if (run_dir / "metrics.json").is_file() and not (dest / "metrics.json").is_file():
+            for pattern in RECORD:
+                for f in run_dir.glob(pattern):
+                    (dest / f.relative_to(run_dir)).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(f, dest / f.relative_to(run_dir))
+
+
+def restore_records(plan: dict, out: Path) -> None:
+    """Put the committed records of finished runs into the work folder, where the benchmark reads them back."""
+    for run_dir in (d for dirs in plan["runs"].values() for d in dirs):
+        record = out / "runs" / run_dir.name
+        if (record / "metrics.json").is_file() and not (run_dir / "metrics.json").is_file():
+            shutil.copytree(record, run_dir, dirs_exist_ok=True)
+
+
 def finished_seeds(plan: dict) -> list[int]:
     """Indices of the seeds whose runs of every method have finished."""
     done = {job.out for job in plan["jobs"] if job.finished}
@@ -40,17 +67,16 @@ def finished_seeds(plan: dict) -> list[int]:
 
 
 def report(plan: dict, work: Path, out: Path, methods: list[str]) -> dict | None:
-    """Write the benchmark report of ``work`` from its finished seeds; copy it and the run configs to ``out``."""
+    """Keep the finished runs' records in ``out``; write the report of ``work`` from its finished seeds there."""
+    dest = out / work.name
+    keep_records(plan, dest)
     done = finished_seeds(plan)
     if not done:
         return None
     runs = {m: [dirs[i] for i in done] for m, dirs in plan["runs"].items()}
     result, _, _ = write_report(work, runs, "full", methods)
-    dest = out / work.name
-    dest.mkdir(parents=True, exist_ok=True)
     for f in ("benchmark.json", "benchmark.md"):
         shutil.copyfile(work / f, dest / f)
-    save_configs([d for dirs in runs.values() for d in dirs], dest)
     return result
 
 
@@ -94,6 +120,7 @@ def main() -> None:
         # the benchmark reads a HAM10000-style folder's columns itself
         data = data_overrides(dataset_overrides(name, args.data_dir)[0].split("=", 1)[1], [])
         plan = plan_jobs(methods, data, list(range(args.seeds)), BUDGETS["full"], work)
+        restore_records(plan, args.out / name)
         if not args.finished_only:
             run_jobs(plan["jobs"], workers=args.jobs)
         result = report(plan, work, args.out, methods)

@@ -8,6 +8,7 @@ import pytest
 from conftest import load_benchmark, run_killed
 from diffmed.benchmark import BUDGETS, run_benchmark
 from diffmed.benchmark.arms import parse_methods, plan_jobs
+from diffmed.benchmark.runner import pending_jobs
 from diffmed.errors import ConfigError
 
 SMALL = ["train.batch_size=32", "eval.bootstrap=50"]
@@ -47,8 +48,16 @@ def test_killed_benchmark_resumes_to_the_uninterrupted_table(tmp_path, tiny_pneu
     plan = plan_jobs(names, [], [0], BUDGETS["full"], killed)
     result = full.report(plan, killed, tmp_path / "results", names)
     assert _results(tmp_path / "results" / "killed") == _results(tmp_path / "straight")
-    assert (tmp_path / "results" / "killed" / "configs" / "class_weighted-s0.yaml").is_file()
     assert "| class_weighted | " in full.table({"pneumoniamnist": result})
+    # the committed records (no weights) carry the benchmark to a new machine: nothing is retrained there
+    record = tmp_path / "results" / "killed" / "runs" / "class_weighted-s0"
+    assert (record / "config.yaml").is_file() and not list(record.glob("**/*.safetensors"))
+    moved = tmp_path / "moved" / "killed"
+    moved_plan = plan_jobs(names, [], [0], BUDGETS["full"], moved)
+    full.restore_records(moved_plan, tmp_path / "results" / "killed")
+    assert not pending_jobs(moved_plan["jobs"])
+    full.report(moved_plan, moved, tmp_path / "moved_results", names)
+    assert _results(tmp_path / "moved_results" / "killed") == _results(tmp_path / "straight")
     (killed / "runs" / "class_weighted-s0" / "metrics.json").unlink()
     assert full.report(plan, killed, tmp_path / "results", names) is None
 
@@ -79,3 +88,25 @@ def test_a_run_held_by_one_process_waits_for_it_in_another(tmp_path):
         order.append("first done")
     waiter.join(5)
     assert order == ["first done", "second"]
+
+
+def test_stages_start_first_and_are_skipped_once_their_dependents_have_finished(tmp_path):
+    from pathlib import Path
+
+    from diffmed.benchmark.runner import Job, run_jobs
+
+    def job(name, *after):  # "finished" once its folder exists
+        return Job(name, Path.mkdir, (tmp_path / name,), tmp_path / name, done=".", after=list(after))
+
+    jobs = [job("baseline"), job("generator"), job("dcube", "generator"), job("synthetic", "generator"),
+            job("rebalance", "synthetic"), job("traditional")]
+    assert [j.name for j in pending_jobs(jobs)][:2] == ["generator", "synthetic"]  # the longest chain's head first
+    (tmp_path / "dcube").mkdir()
+    (tmp_path / "rebalance").mkdir()  # say, restored from committed records
+    assert [j.name for j in pending_jobs(jobs)] == ["baseline", "traditional"]
+    run_jobs(jobs, workers=2)
+    assert (tmp_path / "baseline").is_dir() and (tmp_path / "traditional").is_dir()
+    assert not (tmp_path / "generator").exists()  # no generator trained for arms that are done
+    (tmp_path / "rebalance").rmdir()
+    run_jobs(jobs, workers=2)
+    assert (tmp_path / "generator").is_dir() and (tmp_path / "synthetic").is_dir() and (tmp_path / "rebalance").is_dir()

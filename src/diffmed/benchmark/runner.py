@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -47,38 +47,67 @@ def _call(job: Job):
     return job.name
 
 
-def _waves(jobs: list[Job]) -> list[list[Job]]:
-    """Jobs grouped so that each wave only depends on earlier waves."""
-    done: set[str] = set()
-    waves, left = [], list(jobs)
+def _ordered(jobs: list[Job]) -> list[Job]:
+    """Jobs in dependency order (each after the jobs it needs), plan order otherwise."""
+    placed: set[str] = set()
+    order, left = [], list(jobs)
     while left:
-        ready = [j for j in left if set(j.after) <= done]
+        ready = [j for j in left if set(j.after) <= placed]
         if not ready:
             raise ValueError(f"benchmark jobs with unmet dependencies: {[j.name for j in left]}")
-        waves.append(ready)
-        done |= {j.name for j in ready}
+        order += ready
+        placed |= {j.name for j in ready}
         left = [j for j in left if j not in ready]
-    return waves
+    return order
+
+
+def pending_jobs(jobs: list[Job]) -> list[Job]:
+    """The unfinished jobs a result still waits on, most depended-on first.
+
+    A stage whose dependents have all finished (say, runs restored from committed records) is not rerun.
+    """
+    order = _ordered(jobs)
+    dependents = {j.name: [d for d in order if j.name in d.after] for j in order}
+    needed: set[str] = set()
+    for job in reversed(order):
+        if not job.finished and (not dependents[job.name] or any(d.name in needed for d in dependents[job.name])):
+            needed.add(job.name)
+    # start the heads of long chains first (the generator before the arms that do not need it)
+    weight = {j.name: 0 for j in order}
+    for job in reversed(order):
+        weight[job.name] = sum(1 + weight[d.name] for d in dependents[job.name] if d.name in needed)
+    return sorted((j for j in order if j.name in needed), key=lambda j: -weight[j.name])
 
 
 def run_jobs(jobs: list[Job], workers: int = 1, gpus: int = 0) -> None:
-    """Run unfinished jobs, ``workers`` at a time (each with cores/workers threads, one GPU each if any)."""
-    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    for wave in _waves(jobs):
-        todo = [j for j in wave if not j.finished]
-        if not todo:
-            continue
-        if workers <= 1:
-            for job in todo:
+    """Run unfinished jobs, ``workers`` at a time (each with cores/workers threads, one GPU each if any).
+
+    A job starts as soon as the jobs it needs have finished, not when a whole stage of the grid has.
+    """
+    todo = pending_jobs(jobs)
+    if workers <= 1:
+        names = {j.name for j in todo}
+        for job in (j for j in _ordered(jobs) if j.name in names):
+            log.warning("benchmark job %s", job.name)
+            _call(job)
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    ctx = mp.get_context("spawn")
+    queue = None
+    if gpus:
+        queue = ctx.Manager().Queue()
+        for i in range(workers):
+            queue.put(i % gpus)
+    waiting = {j.name for j in todo}
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, queue)) as pool:
+        running: dict = {}
+        while todo or running:
+            for job in [j for j in todo if not waiting & set(j.after)][: workers - len(running)]:
+                todo.remove(job)
                 log.warning("benchmark job %s", job.name)
-                _call(job)
-            continue
-        ctx = mp.get_context("spawn")
-        queue = None
-        if gpus:
-            queue = ctx.Manager().Queue()
-            for i in range(workers):
-                queue.put(i % gpus)
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, queue)) as pool:
-            for name in pool.map(_call, todo):
+                running[pool.submit(_call, job)] = job
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                name = future.result()  # a failed job stops the benchmark once the running ones end
+                waiting.discard(running.pop(future).name)
                 log.warning("benchmark job %s finished", name)
