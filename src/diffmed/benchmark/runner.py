@@ -72,11 +72,12 @@ def pending_jobs(jobs: list[Job]) -> list[Job]:
     for job in reversed(order):
         if not job.finished and (not dependents[job.name] or any(d.name in needed for d in dependents[job.name])):
             needed.add(job.name)
-    # start the heads of long chains first (the generator before the arms that do not need it)
+    # heads of long chains first (the generator before the arms that do not need it), then the jobs that use a
+    # stage, so that a stage's outputs are used up while its work folder exists
     weight = {j.name: 0 for j in order}
     for job in reversed(order):
         weight[job.name] = sum(1 + weight[d.name] for d in dependents[job.name] if d.name in needed)
-    return sorted((j for j in order if j.name in needed), key=lambda j: -weight[j.name])
+    return sorted((j for j in order if j.name in needed), key=lambda j: (-weight[j.name], not j.after))
 
 
 def run_jobs(jobs: list[Job], workers: int = 1, gpus: int = 0) -> None:
