@@ -110,5 +110,5 @@ def test_stages_start_first_and_are_skipped_once_their_dependents_have_finished(
     assert (tmp_path / "baseline").is_dir() and (tmp_path / "traditional").is_dir()
     assert not (tmp_path / "generator").exists()  # no generator trained for arms that are done
     (tmp_path / "rebalance").rmdir()
-    run_jobs(jobs, workers=2)
+    run_jobs(jobs, workers=1)
     assert (tmp_path / "generator").is_dir() and (tmp_path / "synthetic").is_dir() and (tmp_path / "rebalance").is_dir()
