@@ -2,9 +2,10 @@
 datasets, and one table across them next to the published numbers.
 
 Each dataset is an ordinary resumable `diffmed benchmark` folder under ``--work`` (rerun to resume; finished runs
-are read back). Each finished run's record (what the report reads of it: config, metrics, test predictions, plots;
-no weights) is copied under ``--out``/<dataset>/runs, and put back into an empty work folder, so the committed
-records carry a benchmark across machines and sessions: only the missing runs are trained. ``--finished-only``
+are read back). Each finished run's record (what the report reads of it: config, metrics, test predictions, the first seed's
+pictures; no weights) is kept under ``--out``/<dataset>, the report is written there from the records, and they are
+put back into an empty work folder, so the committed records carry a benchmark across machines and sessions:
+only the missing runs are trained. ``--finished-only``
 trains nothing and reports, per dataset, the seeds whose runs of every method have finished, so a partly done
 benchmark can be committed as it stands.
 
@@ -35,28 +36,36 @@ PUBLISHED = {  # ../shared/data/README.md: MedMNIST v2 Table 3 ResNet-18 (28 px,
 SHOWN = ("acc", "balanced_acc", "f1_macro", "auc")
 
 
-RECORD = ("config.yaml", "metrics.json", "predictions.csv", "model/model.json", "plots/*.png", "**/gaussianity.png",
-          "**/*trajectory*.png", "**/*gradcam*.png")
-"""What the benchmark report reads of a run (the checkpoints stay in the work folder)."""
+RECORD = ("config.yaml", "metrics.json", "predictions.csv", "model/model.json")
+"""What the benchmark report reads of a run; no weights (the checkpoints stay in the work folder)."""
+PICTURES = ("plots/*.png", "**/gaussianity.png", "**/*trajectory*.png", "**/*gradcam*.png", "**/samples/*.png")
+"""The report shows each method's first seed's pictures (and its generator's samples), so only those are kept."""
 
 
-def keep_records(plan: dict, out: Path) -> None:
-    """Copy the record of every finished run to ``out``/runs (each run once, then left as it is)."""
-    for run_dir in (d for dirs in plan["runs"].values() for d in dirs):
-        dest = out / "runs" / run_dir.name
-        if (run_dir / "metrics.json").is_file() and not (dest / "metrics.json").is_file():
-            for pattern in RECORD:
-                for f in run_dir.glob(pattern):
-                    (dest / f.relative_to(run_dir)).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(f, dest / f.relative_to(run_dir))
+def _copy_record(src: Path, dest: Path, patterns: tuple[str, ...]) -> None:
+    for pattern in patterns:
+        for f in src.glob(pattern):
+            (dest / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dest / f.relative_to(src))
 
 
-def restore_records(plan: dict, out: Path) -> None:
+def keep_records(plan: dict, records: Path) -> None:
+    """Copy the record of every finished job to ``records`` (once: a complete record is left as it is)."""
+    for job in plan["jobs"]:
+        work, record = job.out, records / job.out.parent.name / job.out.name
+        kept = job.done == "metrics.json" or job.name.startswith("generator-")  # the runs and the generator's samples
+        if kept and job.finished and not (record / ".finished").is_file():
+            first_seed = job.name.endswith("-s0")
+            _copy_record(work, record, (*RECORD, *PICTURES) if first_seed else RECORD)
+            (record / ".finished").write_text(f"{job.done}\n")
+
+
+def restore_records(plan: dict, records: Path) -> None:
     """Put the committed records of finished runs into the work folder, where the benchmark reads them back."""
-    for run_dir in (d for dirs in plan["runs"].values() for d in dirs):
-        record = out / "runs" / run_dir.name
-        if (record / "metrics.json").is_file() and not (run_dir / "metrics.json").is_file():
-            shutil.copytree(record, run_dir, dirs_exist_ok=True)
+    for job in plan["jobs"]:
+        record = records / job.out.parent.name / job.out.name
+        if job.done == "metrics.json" and (record / ".finished").is_file() and not job.finished:
+            shutil.copytree(record, job.out, dirs_exist_ok=True)
 
 
 def finished_seeds(plan: dict) -> list[int]:
@@ -67,16 +76,14 @@ def finished_seeds(plan: dict) -> list[int]:
 
 
 def report(plan: dict, work: Path, out: Path, methods: list[str]) -> dict | None:
-    """Keep the finished runs' records in ``out``; write the report of ``work`` from its finished seeds there."""
+    """Keep the finished jobs' records in ``out``/<dataset>; write the report of its finished seeds from them."""
     dest = out / work.name
     keep_records(plan, dest)
     done = finished_seeds(plan)
     if not done:
         return None
-    runs = {m: [dirs[i] for i in done] for m, dirs in plan["runs"].items()}
-    result, _, _ = write_report(work, runs, "full", methods)
-    for f in ("benchmark.json", "benchmark.md"):
-        shutil.copyfile(work / f, dest / f)
+    runs = {m: [dest / d.parent.name / d.name for d in (dirs[i] for i in done)] for m, dirs in plan["runs"].items()}
+    result, _, _ = write_report(dest, runs, "full", methods)
     return result
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -58,6 +59,9 @@ def test_killed_benchmark_resumes_to_the_uninterrupted_table(tmp_path, tiny_pneu
     assert not pending_jobs(moved_plan["jobs"])
     full.report(moved_plan, moved, tmp_path / "moved_results", names)
     assert _results(tmp_path / "moved_results" / "killed") == _results(tmp_path / "straight")
+    committed = tmp_path / "moved_results" / "killed"
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", (committed / "benchmark.md").read_text())
+    assert links and all((committed / link).is_file() for link in links)  # the committed report's pictures are kept
     (killed / "runs" / "class_weighted-s0" / "metrics.json").unlink()
     assert full.report(plan, killed, tmp_path / "results", names) is None
 

@@ -60,26 +60,29 @@ def _tables(result: dict) -> list[Section]:
     ]
 
 
-def _copy(src: Path, plots: Path, name: str) -> Path | None:
+def _image(src: Path, root: Path, name: str, alt: str) -> Image | None:
+    """``src`` as a report image: linked in place when it lies under the report's folder, else copied to plots/."""
     if not src.is_file():
         return None
-    plots.mkdir(parents=True, exist_ok=True)
-    return Path(shutil.copyfile(src, plots / name))
+    if root.resolve() in src.resolve().parents:
+        return Image(src, alt, href=src.resolve().relative_to(root.resolve()).as_posix())
+    (root / "plots").mkdir(parents=True, exist_ok=True)
+    return Image(Path(shutil.copyfile(src, root / "plots" / name)), alt)
 
 
-def _plot_sections(runs: dict[str, list[Path]], plots: Path) -> list[Section]:
+def _plot_sections(runs: dict[str, list[Path]], root: Path) -> list[Section]:
     sections = []
     for key, title in RUN_PLOTS.items():
         blocks = []
         for m, dirs in runs.items():
-            img = _copy(dirs[0] / "plots" / f"{key}.png", plots, f"{m}_{key}.png")
+            img = _image(dirs[0] / "plots" / f"{key}.png", root, f"{m}_{key}.png", f"{m} {title}")
             if img:
-                blocks += [Text(f"{m} (seed {dirs[0].name.rsplit('-s', 1)[-1]})"), Image(img, f"{m} {title}")]
+                blocks += [Text(f"{m} (seed {dirs[0].name.rsplit('-s', 1)[-1]})"), img]
         sections.append(Section(key.replace("_", "-"), title, blocks or [Text("no plots found")]))
     return sections
 
 
-def _diffusion_section(root: Path, runs: dict[str, list[Path]], plots: Path) -> Section:
+def _diffusion_section(root: Path, runs: dict[str, list[Path]]) -> Section:
     """The diffusion methods' own pictures, where their runs left them."""
     blocks = []
     wanted = [("generated samples per class", sorted((root / "stages").glob("generator-s*/**/samples/*.png"))),
@@ -88,17 +91,15 @@ def _diffusion_section(root: Path, runs: dict[str, list[Path]], plots: Path) -> 
               ("Grad-CAM (baseline)", sorted(p for d in runs.get("baseline", []) for p in d.glob("**/*gradcam*.png")))]
     for title, found in wanted:
         if found:
-            img = _copy(found[-1], plots, f"diffusion_{len(blocks)}.png")
-            blocks += [Text(title), Image(img, title)]
+            blocks += [Text(title), _image(found[-1], root, f"diffusion_{len(blocks)}.png", title)]
         else:
             blocks.append(Text(f"{title}: not produced by these runs"))
     return Section("diffusion", "Diffusion methods", blocks)
 
 
 def write_benchmark_report(root: Path, runs: dict[str, list[Path]], result: dict, about: dict[str, str]) -> tuple[Path, Path]:
-    plots = root / "plots"
     arms = Section("methods", "Methods", [Table(["method", "what it is"], [[m, about.get(m, "")] for m in runs])])
-    sections = [arms, *_tables(result), *_plot_sections(runs, plots), _diffusion_section(root, runs, plots)]
+    sections = [arms, *_tables(result), *_plot_sections(runs, root), _diffusion_section(root, runs)]
     title = f"diffmed benchmark: {Path(result['dataset']).name}"
     atomic_write_json(root / "benchmark.json", result)
     md, html = root / "benchmark.md", root / "benchmark.html"

@@ -75,9 +75,11 @@ class Image:
     path: Path
     """A PNG in the run's ``plots/`` folder; Markdown links it relative to the report."""
     alt: str
+    href: str = ""
+    """The Markdown link when the PNG lies elsewhere under the report's folder."""
 
     def md(self) -> str:
-        return f"![{self.alt}]({self.path.parent.name}/{self.path.name})"
+        return f"![{self.alt}]({self.href or f'{self.path.parent.name}/{self.path.name}'})"
 
     def html(self) -> str:
         data = base64.b64encode(self.path.read_bytes()).decode("ascii")
