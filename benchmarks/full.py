@@ -22,7 +22,7 @@ from diffmed.bench import dataset_overrides, markdown_table
 from diffmed.benchmark import BUDGETS, data_overrides, write_report
 from diffmed.benchmark.arms import parse_methods, plan_jobs
 from diffmed.benchmark.report import seed_cell
-from diffmed.benchmark.runner import run_jobs
+from diffmed.benchmark.runner import pending_jobs, run_jobs
 
 DATASETS = ("pneumoniamnist", "pneumoniamnist_imbalanced", "retinamnist", "ham10000")
 PUBLISHED = {  # ../shared/data/README.md: MedMNIST v2 Table 3 ResNet-18 (28 px, 100 epochs), ACC / AUC
@@ -131,9 +131,10 @@ def main() -> None:
         if not args.finished_only:
             run_jobs(plan["jobs"], workers=args.jobs)
         result = report(plan, work, args.out, methods)
-        if result is None:
-            print(f"{name}: no seed has finished every method yet")
-        else:
+        left = [j.name for j in pending_jobs(plan["jobs"])]
+        print(f"{name}: {'no seed has finished every method yet' if result is None else 'reported'}; "
+              f"to run: {', '.join(left) or 'nothing'}")
+        if result is not None:
             results[name] = result
     if results:
         args.out.mkdir(parents=True, exist_ok=True)
