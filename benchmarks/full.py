@@ -6,8 +6,8 @@ are read back). Each finished run's record (what the report reads of it: config,
 pictures; no weights) is kept under ``--out``/<dataset>, the report is written there from the records, and they are
 put back into an empty work folder, so the committed records carry a benchmark across machines and sessions:
 only the missing runs are trained. ``--finished-only``
-trains nothing and reports, per dataset, the seeds whose runs of every method have finished, so a partly done
-benchmark can be committed as it stands.
+trains nothing and reports, per dataset, the seeds whose runs of every method have finished (before any has, the
+first seed's finished runs, marked partial), so a partly done benchmark can be committed as it stands.
 
     python benchmarks/full.py --datasets pneumoniamnist --seeds 3            # train (or resume) and report
     python benchmarks/full.py --finished-only                                 # report what has finished
@@ -68,22 +68,28 @@ def restore_records(plan: dict, records: Path) -> None:
             shutil.copytree(record, job.out, dirs_exist_ok=True)
 
 
-def finished_seeds(plan: dict) -> list[int]:
-    """Indices of the seeds whose runs of every method have finished."""
+def reported(plan: dict) -> tuple[list[int], list[str]]:
+    """Seeds and methods to report: the seeds on which every method has finished, or, before any has, the
+    methods finished on the first seed (with the baseline among them; the table names the missing ones)."""
     done = {job.out for job in plan["jobs"] if job.finished}
-    runs = plan["runs"].values()
-    return [i for i in range(len(next(iter(runs)))) if all(dirs[i] in done for dirs in runs)]
+    runs = plan["runs"]
+    seeds = [i for i in range(len(runs["baseline"])) if all(dirs[i] in done for dirs in runs.values())]
+    if seeds:
+        return seeds, list(runs)
+    first = [m for m, dirs in runs.items() if dirs[0] in done]
+    return ([0], first) if "baseline" in first else ([], [])
 
 
 def report(plan: dict, work: Path, out: Path, methods: list[str]) -> dict | None:
-    """Keep the finished jobs' records in ``out``/<dataset>; write the report of its finished seeds from them."""
+    """Keep the finished jobs' records in ``out``/<dataset>; write the report of the reported runs from them."""
     dest = out / work.name
     keep_records(plan, dest)
-    done = finished_seeds(plan)
-    if not done:
+    seeds, shown = reported(plan)
+    if not seeds:
         return None
-    runs = {m: [dest / d.parent.name / d.name for d in (dirs[i] for i in done)] for m, dirs in plan["runs"].items()}
-    result, _, _ = write_report(dest, runs, "full", methods)
+    runs = {m: [dest / d.parent.name / d.name for d in (plan["runs"][m][i] for i in seeds)] for m in shown}
+    result, _, _ = write_report(dest, runs, "full", shown)
+    result["missing"] = [m for m in methods if m not in shown]
     return result
 
 
@@ -102,6 +108,9 @@ def table(results: dict[str, dict]) -> str:
              "column is the seed-mean difference to the baseline with its paired bootstrap p-value.\n"]
     for name, result in results.items():
         parts.append(f"## {name} (seeds {result['seeds']})\n\nPublished: {PUBLISHED[name]}.\n")
+        if result["missing"]:
+            parts.append(f"Partial: no seed has every method yet; seed {result['seeds'][0]}'s finished runs, without "
+                         f"{', '.join(result['missing'])} (not finished yet).\n")
         rows = [[m, *(seed_cell(e["metrics"][k]) for k in SHOWN), vs_baseline(e),
                  f"{e['cost']['infer_seconds_per_image'] * 1e3:.1f}", f"{e['cost']['train_seconds']:.0f}"]
                 for m, e in result["methods"].items()]
@@ -132,8 +141,7 @@ def main() -> None:
             run_jobs(plan["jobs"], workers=args.jobs)
         result = report(plan, work, args.out, methods)
         left = [j.name for j in pending_jobs(plan["jobs"])]
-        print(f"{name}: {'no seed has finished every method yet' if result is None else 'reported'}; "
-              f"to run: {', '.join(left) or 'nothing'}")
+        print(f"{name}: {'nothing to report' if result is None else 'reported'}; to run: {', '.join(left) or 'nothing'}")
         if result is not None:
             results[name] = result
     if results:

@@ -62,8 +62,13 @@ def test_killed_benchmark_resumes_to_the_uninterrupted_table(tmp_path, tiny_pneu
     committed = tmp_path / "moved_results" / "killed"
     links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", (committed / "benchmark.md").read_text())
     assert links and all((committed / link).is_file() for link in links)  # the committed report's pictures are kept
+    # before a seed has every method, the finished ones are reported as partial (always with the baseline)
     (killed / "runs" / "class_weighted-s0" / "metrics.json").unlink()
-    assert full.report(plan, killed, tmp_path / "results", names) is None
+    partial = full.report(plan, killed, tmp_path / "partial", names)
+    assert list(partial["methods"]) == ["baseline"] and partial["missing"] == ["class_weighted"]
+    assert "Partial: " in full.table({"pneumoniamnist": partial})
+    (killed / "runs" / "baseline-s0" / "metrics.json").unlink()
+    assert full.report(plan, killed, tmp_path / "none", names) is None
 
 
 def test_method_list_is_checked_and_always_has_the_baseline():
