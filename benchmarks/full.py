@@ -2,12 +2,12 @@
 datasets, and one table across them next to the published numbers.
 
 Each dataset is an ordinary resumable `diffmed benchmark` folder under ``--work`` (rerun to resume; finished runs
-are read back). Each finished run's record (what the report reads of it: config, metrics, test predictions, the first seed's
-pictures; no weights) is kept under ``--out``/<dataset>, the report is written there from the records, and they are
-put back into an empty work folder, so the committed records carry a benchmark across machines and sessions:
-only the missing runs are trained. ``--finished-only``
-trains nothing and reports, per dataset, the seeds whose runs of every method have finished (before any has, the
-first seed's finished runs, marked partial), so a partly done benchmark can be committed as it stands.
+are read back). Each finished run's record (what the report reads of it: config, metrics, test predictions, the
+first seed's pictures; no weights) is kept under ``--out``/<dataset> and the report is written there from the
+records. An empty work folder gets the records back, so the committed records carry a benchmark across machines and
+sessions: only the missing runs are trained. ``--finished-only`` trains nothing and reports, per dataset, the seeds
+whose runs of every method have finished (before any has, the first seed's finished runs, marked partial), so a
+partly done benchmark can be committed as it stands.
 
     python benchmarks/full.py --datasets pneumoniamnist --seeds 3            # train (or resume) and report
     python benchmarks/full.py --finished-only                                 # report what has finished
