@@ -3,11 +3,12 @@ datasets, and one table across them next to the published numbers.
 
 Each dataset is an ordinary resumable `diffmed benchmark` folder under ``--work`` (rerun to resume; finished runs
 are read back). Each finished run's record (what the report reads of it: config, metrics, test predictions, the
-first seed's pictures; no weights) is kept under ``--out``/<dataset> and the report is written there from the
-records. An empty work folder gets the records back, so the committed records carry a benchmark across machines and
-sessions: only the missing runs are trained. ``--finished-only`` trains nothing and reports, per dataset, the seeds
-whose runs of every method have finished (before any has, the first seed's finished runs, marked partial), so a
-partly done benchmark can be committed as it stands.
+first seed's pictures; no classifier weights) and each generator stage's exported weights (D-Cube reads them) are
+kept under ``--out``/<dataset>, and the report is written there from the records. An empty work folder gets the
+records back, so the committed records carry a benchmark across machines and sessions: only the missing runs are
+trained. ``--finished-only`` trains nothing and reports, per dataset, the seeds whose runs of every method have
+finished (before any has, the first seed's finished runs, marked partial), so a partly done benchmark can be
+committed as it stands.
 
     python benchmarks/full.py --datasets pneumoniamnist --seeds 3            # train (or resume) and report
     python benchmarks/full.py --finished-only                                 # report what has finished
@@ -38,8 +39,26 @@ SHOWN = ("acc", "balanced_acc", "f1_macro", "auc")
 
 RECORD = ("config.yaml", "metrics.json", "predictions.csv", "model/model.json")
 """What the benchmark report reads of a run; no weights (the checkpoints stay in the work folder)."""
+GENERATOR_RECORD = ("config.yaml", "generator/model.json", "generator/model.safetensors")
+"""A generator stage keeps its exported weights (about 1 MB for the tiny UNet): D-Cube reads that frozen
+generator's features, and training it again costs about an hour per seed on 2 CPU cores."""
 PICTURES = ("plots/*.png", "**/gaussianity.png", "**/*trajectory*.png", "**/*gradcam*.png", "**/samples/*.png")
 """The report shows each method's first seed's pictures (and its generator's samples), so only those are kept."""
+
+
+def _record_patterns(job) -> tuple[str, ...]:
+    """What of a job is kept: a run's record, a generator's weights, nothing of other stages."""
+    if job.name.startswith("generator-"):
+        kept = GENERATOR_RECORD
+    elif job.done == "metrics.json":
+        kept = RECORD
+    else:
+        return ()
+    return (*kept, *PICTURES) if job.name.endswith("-s0") else kept
+
+
+def _complete(job, record: Path) -> bool:
+    return (record / ".finished").is_file() and (record / job.done).is_file()
 
 
 def _copy_record(src: Path, dest: Path, patterns: tuple[str, ...]) -> None:
@@ -52,19 +71,17 @@ def _copy_record(src: Path, dest: Path, patterns: tuple[str, ...]) -> None:
 def keep_records(plan: dict, records: Path) -> None:
     """Copy the record of every finished job to ``records`` (once: a complete record is left as it is)."""
     for job in plan["jobs"]:
-        work, record = job.out, records / job.out.parent.name / job.out.name
-        kept = job.done == "metrics.json" or job.name.startswith("generator-")  # the runs and the generator's samples
-        if kept and job.finished and not (record / ".finished").is_file():
-            first_seed = job.name.endswith("-s0")
-            _copy_record(work, record, (*RECORD, *PICTURES) if first_seed else RECORD)
+        record, patterns = records / job.out.parent.name / job.out.name, _record_patterns(job)
+        if patterns and job.finished and not _complete(job, record):
+            _copy_record(job.out, record, patterns)
             (record / ".finished").write_text(f"{job.done}\n")
 
 
 def restore_records(plan: dict, records: Path) -> None:
-    """Put the committed records of finished runs into the work folder, where the benchmark reads them back."""
+    """Put the committed records of finished jobs into the work folder, where the benchmark reads them back."""
     for job in plan["jobs"]:
         record = records / job.out.parent.name / job.out.name
-        if job.done == "metrics.json" and (record / ".finished").is_file() and not job.finished:
+        if not job.finished and _complete(job, record):
             shutil.copytree(record, job.out, dirs_exist_ok=True)
 
 

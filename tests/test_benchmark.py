@@ -121,3 +121,22 @@ def test_stages_start_first_and_are_skipped_once_their_dependents_have_finished(
     (tmp_path / "rebalance").rmdir()
     run_jobs(jobs, workers=1)
     assert (tmp_path / "generator").is_dir() and (tmp_path / "synthetic").is_dir() and (tmp_path / "rebalance").is_dir()
+
+
+def test_a_generator_record_keeps_its_weights_so_dcube_needs_no_new_generator(tmp_path):
+    full = load_benchmark("full")
+    plan = plan_jobs(parse_methods("dcube"), [], [0], BUDGETS["full"], tmp_path / "work")
+    generator = next(j for j in plan["jobs"] if j.name == "generator-s0")
+    for name, text in [("config.yaml", "seed: 0\n"), ("generator/model.json", "{}"),
+                       ("generator/model.safetensors", "weights"), ("logs/samples/epoch_0020.png", "png"),
+                       ("last.ckpt", "optimiser state")]:
+        (generator.out / name).parent.mkdir(parents=True, exist_ok=True)
+        (generator.out / name).write_text(text)
+    full.keep_records(plan, tmp_path / "records")
+    record = tmp_path / "records" / "stages" / "generator-s0"
+    assert sorted(str(f.relative_to(record)) for f in record.rglob("*") if f.is_file()) == [
+        ".finished", "config.yaml", "generator/model.json", "generator/model.safetensors",
+        "logs/samples/epoch_0020.png"]
+    moved = plan_jobs(parse_methods("dcube"), [], [0], BUDGETS["full"], tmp_path / "moved")
+    full.restore_records(moved, tmp_path / "records")
+    assert [j.name for j in pending_jobs(moved["jobs"])] == ["dcube-s0", "baseline-s0"]
