@@ -120,9 +120,11 @@ def vs_baseline(entry: dict) -> str:
 def table(results: dict[str, dict]) -> str:
     b = BUDGETS["full"]
     parts = [f"Budget `full`: classifier epochs {b.epochs}, generator {b.generator}, {b.generate_steps} sampling "
-             f"steps, synthetic images fill every class to {b.balance_to:g} x the largest; test split, each cell mean "
-             "± std over seeds [95% bootstrap CI of the seed mean]; model chosen on validation only. The last "
-             "column is the seed-mean difference to the baseline with its paired bootstrap p-value.\n"]
+             f"steps, synthetic images fill every class to {b.balance_to:g} x the largest, method settings "
+             f"{b.method_params}; test split, each cell mean ± std over seeds [95% bootstrap CI of the seed mean]; "
+             "model chosen on validation only. \"vs baseline\" is the seed-mean difference to the baseline with its "
+             "paired bootstrap p-value; \"train s\" the main fit's wall-clock seconds (stages such as the generator "
+             "not included) on 2 CPU cores shared with other runs, so it moves with what ran beside it.\n"]
     for name, result in results.items():
         parts.append(f"## {name} (seeds {result['seeds']})\n\nPublished: {PUBLISHED[name]}.\n")
         if result["missing"]:
