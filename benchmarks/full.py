@@ -40,8 +40,8 @@ SHOWN = ("acc", "balanced_acc", "f1_macro", "auc")
 RECORD = ("config.yaml", "metrics.json", "predictions.csv", "model/model.json")
 """What the benchmark report reads of a run; no weights (the checkpoints stay in the work folder)."""
 GENERATOR_RECORD = ("config.yaml", "generator/model.json", "generator/model.safetensors")
-"""A generator stage keeps its exported weights (about 1 MB for the tiny UNet): D-Cube reads that frozen
-generator's features, and training it again costs about an hour per seed on 2 CPU cores."""
+"""A generator stage keeps its exported weights (2.9 MB for the tiny UNet): D-Cube reads that frozen
+generator's features, and training it again costs 25-40 minutes per seed on 2 shared CPU cores."""
 PICTURES = ("plots/*.png", "**/gaussianity.png", "**/*trajectory*.png", "**/*gradcam*.png", "**/samples/*.png")
 """The report shows each method's first seed's pictures (and its generator's samples), so only those are kept."""
 
