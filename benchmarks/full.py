@@ -124,7 +124,8 @@ def table(results: dict[str, dict]) -> str:
              f"{b.method_params}; test split, each cell mean ± std over seeds [95% bootstrap CI of the seed mean]; "
              "model chosen on validation only. \"vs baseline\" is the seed-mean difference to the baseline with its "
              "paired bootstrap p-value; \"train s\" the main fit's wall-clock seconds (stages such as the generator "
-             "not included) on 2 CPU cores shared with other runs, so it moves with what ran beside it.\n"]
+             "not included) on a machine shared with the runs beside it (here 2 CPU cores, two runs at once), so it moves "
+             "with them.\n"]
     for name, result in results.items():
         parts.append(f"## {name} (seeds {result['seeds']})\n\nPublished: {PUBLISHED[name]}.\n")
         if result["missing"]:
