@@ -110,11 +110,12 @@ def report(plan: dict, work: Path, out: Path, methods: list[str]) -> dict | None
     return result
 
 
+def differences(test: dict, metrics: tuple[str, ...] = ("f1_macro", "auc")) -> str:
+    return "; ".join(f"{k} {test[k]['diff']:+.3f} (p={test[k]['p_value']:.3g})" for k in metrics)
+
+
 def vs_baseline(entry: dict) -> str:
-    if "vs_baseline" not in entry:
-        return "—"
-    d = entry["vs_baseline"]
-    return "; ".join(f"{k} {d[k]['diff']:+.3f} (p={d[k]['p_value']:.3g})" for k in ("f1_macro", "auc"))
+    return differences(entry["vs_baseline"]) if "vs_baseline" in entry else "—"
 
 
 def table(results: dict[str, dict]) -> str:
@@ -123,7 +124,7 @@ def table(results: dict[str, dict]) -> str:
              f"steps, synthetic images fill every class to {b.balance_to:g} x the largest, method settings "
              f"{b.method_params}; test split, each cell mean ± std over seeds [95% bootstrap CI of the seed mean]; "
              "model chosen on validation only. \"vs baseline\" is the seed-mean difference to the baseline with its "
-             "paired bootstrap p-value; \"train s\" the main fit's wall-clock seconds (stages such as the generator "
+             "paired bootstrap p-value (a line \"A vs B\" under a table: A's paired difference to B); \"train s\" the main fit's wall-clock seconds (stages such as the generator "
              "not included) on a machine shared with the runs beside it (here 2 CPU cores, two runs at once), so it moves "
              "with them.\n"]
     for name, result in results.items():
@@ -135,6 +136,8 @@ def table(results: dict[str, dict]) -> str:
                  f"{e['cost']['infer_seconds_per_image'] * 1e3:.1f}", f"{e['cost']['train_seconds']:.0f}"]
                 for m, e in result["methods"].items()]
         parts.append(markdown_table(["method", *SHOWN, "vs baseline", "ms / test image", "train s"], rows))
+        parts += [f"{pair}: {differences(test, ('balanced_acc', 'f1_macro', 'auc'))}.\n"
+                  for pair, test in result.get("contrasts", {}).items()]
     return "\n".join(parts)
 
 

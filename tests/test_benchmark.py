@@ -140,3 +140,25 @@ def test_a_generator_record_keeps_its_weights_so_dcube_needs_no_new_generator(tm
     moved = plan_jobs(parse_methods("dcube"), [], [0], BUDGETS["full"], tmp_path / "moved")
     full.restore_records(moved, tmp_path / "records")
     assert [j.name for j in pending_jobs(moved["jobs"])] == ["dcube-s0", "baseline-s0"]
+
+
+def test_diffusion_rebalancing_is_tested_against_traditional_augmentation(tmp_path):
+    """On the committed full-benchmark records: the pair's paired test is A - B of the same runs' means."""
+    from pathlib import Path
+
+    from diffmed.benchmark.report import collect, write_benchmark_report
+
+    records = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "full" / "pneumoniamnist" / "runs"
+    names = ("baseline", "traditional_rebalance", "diffusion_rebalance")
+    runs = {m: [records / f"{m}-s{s}" for s in (0, 1)] for m in names}
+    if not all((d / "predictions.csv").is_file() for dirs in runs.values() for d in dirs):
+        pytest.skip("the committed PneumoniaMNIST full-benchmark records are not in this checkout")
+    result = collect(runs, n_boot=200)
+    test = result["contrasts"]["diffusion_rebalance vs traditional_rebalance"]
+    means = {m: result["methods"][m]["metrics"]["f1_macro"]["mean"] for m in names}
+    assert test["f1_macro"]["diff"] == pytest.approx(means["diffusion_rebalance"] - means["traditional_rebalance"])
+    assert 0 < test["f1_macro"]["p_value"] <= 1 and len(test["mcnemar_p"]) == 2
+    md, _ = write_benchmark_report(tmp_path, runs, result, {})
+    assert "| diffusion_rebalance vs traditional_rebalance | " in md.read_text()
+    # without one of the pair there is nothing to contrast
+    assert collect({m: runs[m] for m in names[:2]}, n_boot=50)["contrasts"] == {}

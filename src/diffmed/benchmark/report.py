@@ -1,4 +1,5 @@
-"""The benchmark's result file and report: one table, significance against the baseline, cost, plots."""
+"""The benchmark's result file and report: one table, significance against the baseline and between the
+methods that answer one question, cost, plots."""
 from __future__ import annotations
 
 import shutil
@@ -16,6 +17,9 @@ METRICS = HEADLINE
 TESTED = ("acc", "balanced_acc", "f1_macro", "auc")
 COST = ("train_seconds", "train_images_per_second", "infer_seconds_per_image", "forward_passes_per_image",
         "peak_memory_mb")
+CONTRASTS = (("diffusion_rebalance", "traditional_rebalance"),)
+"""Pairs tested against each other as well as against the baseline: does synthetic rebalancing beat
+traditional augmentation (same classifier, same balanced sampler, only the extra images differ)?"""
 RUN_PLOTS = {"roc": "ROC curves", "confusion": "Confusion matrices", "reliability": "Reliability diagrams",
              "per_class_recall": "Per-class recall"}
 
@@ -32,6 +36,8 @@ def collect(runs: dict[str, list[Path]], n_boot: int = 1000) -> dict:
         if m != "baseline":
             entry["vs_baseline"] = paired_seed_pooled(preds[m], preds["baseline"], TESTED, n_boot)
         out["methods"][m] = entry
+    out["contrasts"] = {f"{a} vs {b}": paired_seed_pooled(preds[a], preds[b], TESTED, n_boot)
+                        for a, b in CONTRASTS if a in runs and b in runs}
     out["dataset"] = metrics["baseline"][0]["dataset"]
     out["class_names"] = metrics["baseline"][0]["class_names"]
     return out
@@ -46,16 +52,16 @@ def _tables(result: dict) -> list[Section]:
     methods = result["methods"]
     main = Table(["method", *METRICS, "ece"], [[m, *(seed_cell(e["metrics"][k]) for k in METRICS),
                                                  "{:.3f} ± {:.3f}".format(*e["ece"])] for m, e in methods.items()])
-    sig_rows = [[m, *(f"{e['vs_baseline'][k]['diff']:+.3f} (p={e['vs_baseline'][k]['p_value']:.3g})" for k in TESTED),
-                 ", ".join(f"{p:.3g}" for p in e["vs_baseline"]["mcnemar_p"])]
-                for m, e in methods.items() if "vs_baseline" in e]
+    tests = {m: e["vs_baseline"] for m, e in methods.items() if "vs_baseline" in e} | result.get("contrasts", {})
+    sig_rows = [[m, *(f"{t[k]['diff']:+.3f} (p={t[k]['p_value']:.3g})" for k in TESTED),
+                 ", ".join(f"{p:.3g}" for p in t["mcnemar_p"])] for m, t in tests.items()]
     cost_rows = [[m, *(f"{e['cost'][k]:.4g}" for k in COST)] for m, e in methods.items()]
     return [
         Section("results", "Results", [Text(f"Test set of {result['dataset']}; seeds {result['seeds']}. "
                                             "Each cell: mean ± std over seeds [95% bootstrap CI of the seed mean]."), main]),
         Section("significance", "Significance against the baseline",
-                [Text("Seed-mean difference to the baseline with paired bootstrap p-value; McNemar p per seed."),
-                 Table(["method", *TESTED, "McNemar p"], sig_rows)]),
+                [Text("Seed-mean difference to the baseline (or, for 'A vs B', of A to B) with paired bootstrap "
+                      "p-value; McNemar p per seed."), Table(["method", *TESTED, "McNemar p"], sig_rows)]),
         Section("cost", "Cost", [Table(["method", *COST], cost_rows)]),
     ]
 
