@@ -162,3 +162,45 @@ def test_diffusion_rebalancing_is_tested_against_traditional_augmentation(tmp_pa
     assert "| diffusion_rebalance vs traditional_rebalance | " in md.read_text()
     # without one of the pair there is nothing to contrast
     assert collect({m: runs[m] for m in names[:2]}, n_boot=50)["contrasts"] == {}
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_parallel_benchmark_stops_its_worker_processes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "sleeper.py").write_text(
+        "import os, time\nfrom pathlib import Path\n\n"
+        "def record_pid_and_sleep(path):\n    Path(path).write_text(str(os.getpid()))\n    time.sleep(300)\n")
+    body = (f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
+            "from pathlib import Path\nfrom sleeper import record_pid_and_sleep\n"
+            "from diffmed.benchmark.runner import Job, run_jobs\n"
+            f"root = Path({str(tmp_path)!r})\n"
+            "run_jobs([Job(n, record_pid_and_sleep, (root / f'{n}.pid',), root / n) for n in 'ab'], workers=2)\n")
+    proc = subprocess.Popen([sys.executable, "-c", body], stderr=subprocess.PIPE, text=True)
+    pids = [tmp_path / f"{n}.pid" for n in "ab"]
+    deadline = time.monotonic() + 120
+    while not all(p.is_file() and p.read_text() for p in pids):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.2)
+    workers = [int(p.read_text()) for p in pids]
+    assert all(_alive(pid) for pid in workers)
+    os.kill(proc.pid, signal.SIGTERM)  # the benchmark's own process only, as `kill PID` does
+    assert proc.wait(timeout=60) != 0
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers), "worker processes outlived the killed benchmark"

@@ -8,6 +8,9 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +33,6 @@ class Job:
     @property
     def finished(self) -> bool:
         return (self.out / self.done).exists()
-
-
 
 
 def _init_worker(threads: int, gpus) -> None:
@@ -99,16 +100,57 @@ def run_jobs(jobs: list[Job], workers: int = 1, gpus: int = 0) -> None:
         queue = ctx.Manager().Queue()
         for i in range(workers):
             queue.put(i % gpus)
-    waiting = {j.name for j in todo}
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, queue)) as pool:
-        running: dict = {}
-        while todo or running:
-            for job in [j for j in todo if not waiting & set(j.after)][: workers - len(running)]:
-                todo.remove(job)
-                log.warning("benchmark job %s", job.name)
-                running[pool.submit(_call, job)] = job
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                name = future.result()  # a failed job stops the benchmark once the running ones end
-                waiting.discard(running.pop(future).name)
-                log.warning("benchmark job %s finished", name)
+        try:
+            with _sigterm_as_exit():
+                _drive(pool, todo, workers)
+        except (KeyboardInterrupt, SystemExit):  # killed: stop the workers too; each resumes from its checkpoint
+            _stop_workers()
+            raise
+
+
+def _drive(pool: ProcessPoolExecutor, todo: list[Job], workers: int) -> None:
+    """Submit each job once the jobs it needs have finished, ``workers`` at a time."""
+    waiting = {j.name for j in todo}
+    running: dict = {}
+    while todo or running:
+        for job in [j for j in todo if not waiting & set(j.after)][: workers - len(running)]:
+            todo.remove(job)
+            log.warning("benchmark job %s", job.name)
+            running[pool.submit(_call, job)] = job
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in finished:
+            name = future.result()  # a failed job stops the benchmark once the running ones end
+            waiting.discard(running.pop(future).name)
+            log.warning("benchmark job %s finished", name)
+
+
+def _exit_on_sigterm(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def _sigterm_as_exit():
+    """SIGTERM raises SystemExit in the main thread, so a `kill` of the benchmark reaches its cleanup."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_workers(grace_s: float = 30.0) -> None:
+    """Terminate the worker processes (Lightning stops a SIGTERM'd fit at the next step); kill what lingers.
+
+    Without this, workers outlive a killed benchmark and keep training; a rerun would wait on their locks.
+    """
+    children = mp.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(grace_s)
+        if child.is_alive():
+            child.kill()
