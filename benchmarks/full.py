@@ -124,9 +124,9 @@ def table(results: dict[str, dict]) -> str:
              f"steps, synthetic images fill every class to {b.balance_to:g} x the largest, method settings "
              f"{b.method_params}; test split, each cell mean ± std over seeds [95% bootstrap CI of the seed mean]; "
              "model chosen on validation only. \"vs baseline\" is the seed-mean difference to the baseline with its "
-             "paired bootstrap p-value (a line \"A vs B\" under a table: A's paired difference to B); \"train s\" the main fit's wall-clock seconds (stages such as the generator "
-             "not included) on a machine shared with the runs beside it (here 2 CPU cores, two runs at once), so it moves "
-             "with them.\n"]
+             "paired bootstrap p-value (a line \"A vs B\" under a table: A's paired difference to B); \"train s\" "
+             "the main fit's wall-clock seconds (stages such as the generator not included) on a machine shared with "
+             "the runs beside it (here 2 CPU cores, two runs at once), so it moves with them.\n"]
     for name, result in results.items():
         parts.append(f"## {name} (seeds {result['seeds']})\n\nPublished: {PUBLISHED[name]}.\n")
         if result["missing"]:

@@ -170,7 +170,7 @@ def _alive(pid: int) -> bool:
     stat = Path(f"/proc/{pid}/stat")
     try:
         return stat.read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError):
+    except FileNotFoundError:  # reaped
         return False
 
 
@@ -194,7 +194,8 @@ def test_a_killed_parallel_benchmark_stops_its_worker_processes(tmp_path):
     pids = [tmp_path / f"{n}.pid" for n in "ab"]
     deadline = time.monotonic() + 120
     while not all(p.is_file() and p.read_text() for p in pids):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        exited = proc.poll() is not None
+        assert not exited and time.monotonic() < deadline, proc.stderr.read() if exited else "timeout"
         time.sleep(0.2)
     workers = [int(p.read_text()) for p in pids]
     assert all(_alive(pid) for pid in workers)

@@ -95,6 +95,7 @@ def run_jobs(jobs: list[Job], workers: int = 1, gpus: int = 0) -> None:
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = mp.get_context("spawn")
+    others = set(mp.active_children())  # children the caller had already; a kill leaves them alone
     queue = None
     if gpus:
         queue = ctx.Manager().Queue()
@@ -105,7 +106,7 @@ def run_jobs(jobs: list[Job], workers: int = 1, gpus: int = 0) -> None:
             with _sigterm_as_exit():
                 _drive(pool, todo, workers)
         except (KeyboardInterrupt, SystemExit):  # killed: stop the workers too; each resumes from its checkpoint
-            _stop_workers()
+            _stop_workers(others)
             raise
 
 
@@ -142,12 +143,12 @@ def _sigterm_as_exit():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _stop_workers(grace_s: float = 30.0) -> None:
+def _stop_workers(others: set, grace_s: float = 30.0) -> None:
     """Terminate the worker processes (Lightning stops a SIGTERM'd fit at the next step); kill what lingers.
 
     Without this, workers outlive a killed benchmark and keep training; a rerun would wait on their locks.
     """
-    children = mp.active_children()
+    children = [c for c in mp.active_children() if c not in others]
     for child in children:
         child.terminate()
     for child in children:
