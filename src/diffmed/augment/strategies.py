@@ -287,14 +287,14 @@ class TraditionalProducer:
 
 def read_manifest(manifest: str | Path, like: LabelledSet) -> LabelledSet:
     """Images of a generated manifest (``diffmed generate`` or :func:`write_manifest` layout), read at the
-    size, channels and class order of ``like`` (usually the real training set); classes may be empty."""
+    size, channels, class order and task of ``like`` (usually the real training set); classes may be empty."""
     from diffmed.config import DataConfig
     from diffmed.data import load_source
 
     manifest = Path(manifest)
     if not manifest.is_file():
         raise DataError(f"generated manifest '{manifest}' not found; run `diffmed generate` first")
-    cfg = DataConfig(source=str(manifest), label_columns=["label"], class_names=list(like.class_names),
+    cfg = DataConfig(source=str(manifest), label_columns=["label"], class_names=list(like.class_names), task=like.task,
                      image_size=int(like.images.shape[1]), channels=like.channels)
     return load_source(cfg, allow_empty_classes=True)  # often only the rare classes
 

@@ -121,7 +121,8 @@ def concat_sets(sets: list[LabelledSet]) -> LabelledSet:
     first = sets[0]
     for s in sets[1:]:
         if s.class_names != first.class_names or s.task != first.task:
-            raise ValueError(f"cannot mix {s.source} (classes {s.class_names}) with {first.source}")
+            raise ValueError(f"cannot mix {s.source} (classes {s.class_names}, task {s.task}) with {first.source} "
+                             f"(classes {first.class_names}, task {first.task})")
 
     def cat(attr: str, default):
         parts = [getattr(s, attr) if getattr(s, attr) is not None else default(s) for s in sets]

@@ -43,11 +43,12 @@ def _manifest_columns(manifest: str, cfg: RunConfig) -> dict:
 
 
 def _synthetic_sets(cfg: RunConfig, real: LabelledSet) -> list[LabelledSet]:
-    """Generated images from manifests, for the training split only, with the real set's class order."""
+    """Generated images from manifests, for the training split only, with the real set's class order and task
+    (a manifest's labels alone read as multiclass, so an ordinal set's would not mix)."""
     out = []
     for manifest in cfg.data.synthetic:
         syn_cfg = cfg.data.model_copy(update={"source": manifest, "csv": None, "image_root": None,
-                                              "class_names": real.class_names, "group_column": None,
+                                              "class_names": real.class_names, "task": real.task, "group_column": None,
                                               "split_column": None, "synthetic": [],
                                               **_manifest_columns(manifest, cfg)})
         syn = load_source(syn_cfg, allow_empty_classes=True)  # a manifest may hold only rare classes
