@@ -6,7 +6,7 @@ import pytest
 
 from diffmed.augment import (
     ManifestProducer, TraditionalProducer, boundary_distances, build_augmented_train, misclassified_candidates,
-    plan_strategy, write_manifest,
+    plan_strategy, read_manifest, write_manifest,
 )
 from diffmed.data.types import LabelledSet
 from diffmed.errors import ConfigError, DataError
@@ -159,3 +159,37 @@ def test_mixed_producer_splits_the_plan_between_producers(tmp_path):
     assert new.class_counts().tolist() == [24, 0]
     kinds = [i.split("/")[0] for i in new.ids]
     assert 0 < kinds.count("aug") < 24 and kinds.count("aug") + kinds.count("gen") == 24
+
+
+def test_ordinal_set_reads_and_mixes_a_manifest_as_ordinal_training_rows_only(tmp_path, tiny_retina):
+    from diffmed.config import load_config
+    from diffmed.engine.data import prepare_data
+
+    cfg = load_config(None, [f"data.source={tiny_retina}"])
+    plain = prepare_data(cfg, tmp_path / "plain")
+    train = plain.sets["train"]
+    assert train.task == "ordinal"
+    rare = train.subset(train.targets >= 3)  # stand-ins for generated grade-3/4 images
+    rare.ids = [f"gen/{i}" for i in range(len(rare))]
+    manifest = write_manifest(rare, tmp_path / "gen", only_synthetic=False)
+
+    back = read_manifest(manifest, train)  # a bare label column alone would read as multiclass
+    assert back.task == "ordinal" and back.class_names == train.class_names
+    assert back.class_counts().tolist() == rare.class_counts().tolist()
+
+    mixed_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"synthetic": [str(manifest)]})})
+    mixed = prepare_data(mixed_cfg, tmp_path / "mixed")
+    assert mixed.sets["train"].task == "ordinal"
+    assert int(mixed.sets["train"].synthetic.sum()) == len(rare) > 0
+    for split in ("val", "test"):
+        assert mixed.sets[split].ids == plain.sets[split].ids
+        assert mixed.sets[split].synthetic is None or not mixed.sets[split].synthetic.any()
+
+
+def test_read_manifest_refuses_a_multilabel_set_by_name(tmp_path):
+    train = _train()
+    manifest = write_manifest(train.subset(np.arange(4)), tmp_path / "gen", only_synthetic=False)
+    multi = LabelledSet(images=train.images[:4], targets=np.eye(2, dtype=np.float32)[[0, 1, 0, 1]],
+                        task="multilabel", class_names=["a", "b"], ids=list("wxyz"), source="chest.csv")
+    with pytest.raises(ConfigError, match="chest.csv.*cannot take it"):
+        read_manifest(manifest, multi)

@@ -294,6 +294,9 @@ def read_manifest(manifest: str | Path, like: LabelledSet) -> LabelledSet:
     manifest = Path(manifest)
     if not manifest.is_file():
         raise DataError(f"generated manifest '{manifest}' not found; run `diffmed generate` first")
+    if like.task == "multilabel":
+        raise ConfigError(f"generated manifest '{manifest}' holds one class per image; the multi-label set "
+                          f"'{like.source}' cannot take it")
     cfg = DataConfig(source=str(manifest), label_columns=["label"], class_names=list(like.class_names), task=like.task,
                      image_size=int(like.images.shape[1]), channels=like.channels)
     return load_source(cfg, allow_empty_classes=True)  # often only the rare classes
