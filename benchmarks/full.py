@@ -132,10 +132,11 @@ def table(results: dict[str, dict]) -> str:
         if result["missing"]:
             parts.append(f"Partial: no seed has every method yet; seed {result['seeds'][0]}'s finished runs, without "
                          f"{', '.join(result['missing'])} (not finished yet).\n")
-        rows = [[m, *(seed_cell(e["metrics"][k]) for k in SHOWN), vs_baseline(e),
+        shown = [*SHOWN, *(k for k in ("kappa_quadratic",) if k in result["methods"]["baseline"]["metrics"])]
+        rows = [[m, *(seed_cell(e["metrics"][k]) for k in shown), vs_baseline(e),
                  f"{e['cost']['infer_seconds_per_image'] * 1e3:.1f}", f"{e['cost']['train_seconds']:.0f}"]
                 for m, e in result["methods"].items()]
-        parts.append(markdown_table(["method", *SHOWN, "vs baseline", "ms / test image", "train s"], rows))
+        parts.append(markdown_table(["method", *shown, "vs baseline", "ms / test image", "train s"], rows))
         parts += [f"{pair}: {differences(test, ('balanced_acc', 'f1_macro', 'auc'))}.\n"
                   for pair, test in result.get("contrasts", {}).items()]
     return "\n".join(parts)

@@ -164,6 +164,28 @@ def test_diffusion_rebalancing_is_tested_against_traditional_augmentation(tmp_pa
     assert collect({m: runs[m] for m in names[:2]}, n_boot=50)["contrasts"] == {}
 
 
+def test_an_ordinal_benchmark_reports_the_quadratic_kappa_of_each_run(tmp_path):
+    """On the committed RetinaMNIST records (ordinal grades): the column is the seed mean of sklearn's value."""
+    from pathlib import Path
+
+    from sklearn.metrics import cohen_kappa_score
+
+    from diffmed.benchmark.report import collect, write_benchmark_report
+    from diffmed.evaluation.compare import load_predictions
+
+    records = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "full" / "retinamnist" / "runs"
+    runs = {m: [records / f"{m}-s{s}" for s in (0, 1)] for m in ("baseline", "class_weighted")}
+    if not all((d / "predictions.csv").is_file() for dirs in runs.values() for d in dirs):
+        pytest.skip("the committed RetinaMNIST full-benchmark records are not in this checkout")
+    result = collect(runs, n_boot=50)
+    by_seed = [cohen_kappa_score(p.y_true, p.pred, weights="quadratic")
+               for p in map(load_predictions, runs["baseline"])]
+    kappa = result["methods"]["baseline"]["metrics"]["kappa_quadratic"]
+    assert kappa["per_seed"] == pytest.approx(by_seed) and kappa["low"] <= kappa["mean"] <= kappa["high"]
+    md, _ = write_benchmark_report(tmp_path, runs, result, {})
+    assert "| kappa | kappa_quadratic | ece |" in md.read_text()
+
+
 def _alive(pid: int) -> bool:
     from pathlib import Path
 

@@ -8,12 +8,10 @@ from pathlib import Path
 from diffmed.bench import mean_std
 from diffmed.benchmark.stats import paired_seed_pooled, seed_pooled_ci
 from diffmed.engine.checkpoint import atomic_write_bytes, atomic_write_json
-from diffmed.engine.evaluate import HEADLINE
+from diffmed.engine.evaluate import headline_metrics
 from diffmed.evaluation.compare import load_predictions, read_run_json
 from diffmed.report.report import Image, Section, Table, Text, render_html, render_markdown
 
-METRICS = HEADLINE
-"""Bootstrapped over test images; calibration (ECE after temperature scaling) is reported as mean ± std."""
 TESTED = ("acc", "balanced_acc", "f1_macro", "auc")
 COST = ("train_seconds", "train_images_per_second", "infer_seconds_per_image", "forward_passes_per_image",
         "peak_memory_mb")
@@ -29,9 +27,11 @@ def collect(runs: dict[str, list[Path]], n_boot: int = 1000) -> dict:
     preds = {m: [load_predictions(d) for d in dirs] for m, dirs in runs.items()}
     metrics = {m: [read_run_json(d / "metrics.json") for d in dirs] for m, dirs in runs.items()}
     out: dict = {"methods": {}, "seeds": [r["seed"] for r in metrics["baseline"]]}
+    # bootstrapped over test images; calibration (ECE after temperature scaling) as mean ± std
+    names = headline_metrics(preds["baseline"][0].task)
     for m in runs:
         ece = [r["test"]["ece"] for r in metrics[m]]
-        entry = {"metrics": seed_pooled_ci(preds[m], METRICS, n_boot), "ece": mean_std(ece),
+        entry = {"metrics": seed_pooled_ci(preds[m], names, n_boot), "ece": mean_std(ece),
                  "cost": {k: sum(r["cost"].get(k, 0.0) for r in metrics[m]) / len(metrics[m]) for k in COST}}
         if m != "baseline":
             entry["vs_baseline"] = paired_seed_pooled(preds[m], preds["baseline"], TESTED, n_boot)
@@ -50,7 +50,8 @@ def seed_cell(s: dict) -> str:
 
 def _tables(result: dict) -> list[Section]:
     methods = result["methods"]
-    main = Table(["method", *METRICS, "ece"], [[m, *(seed_cell(e["metrics"][k]) for k in METRICS),
+    names = list(next(iter(methods.values()))["metrics"])
+    main = Table(["method", *names, "ece"], [[m, *(seed_cell(e["metrics"][k]) for k in names),
                                                  "{:.3f} ± {:.3f}".format(*e["ece"])] for m, e in methods.items()])
     tests = {m: e["vs_baseline"] for m, e in methods.items() if "vs_baseline" in e} | result.get("contrasts", {})
     sig_rows = [[m, *(f"{t[k]['diff']:+.3f} (p={t[k]['p_value']:.3g})" for k in TESTED),

@@ -18,6 +18,11 @@ HEADLINE = ("acc", "balanced_acc", "f1_macro", "auc", "kappa")
 """Metrics reported with bootstrap CIs by every run and benchmark."""
 
 
+def headline_metrics(task: str) -> tuple[str, ...]:
+    """HEADLINE, plus the quadratic-weighted kappa that ordinal grading (e.g. retinopathy) is judged by."""
+    return HEADLINE + ("kappa_quadratic",) if task == "ordinal" else HEADLINE
+
+
 def _class_logits(logits: np.ndarray, spec: TaskSpec) -> np.ndarray:
     return logits[:, : spec.num_classes]
 
@@ -75,7 +80,7 @@ def write_test_results(out_dir: Path, cfg: RunConfig, spec: TaskSpec, test: Labe
     mask = _mask(out, spec)
     metrics = classification_metrics(spec.task, out.targets, probs, thresholds=val["thresholds"], mask=mask)
     metrics["ece_uncalibrated"] = expected_calibration_error(out.targets, raw, task=spec.task, mask=mask)
-    ci = bootstrap_ci(spec.task, out.targets, probs, metrics=HEADLINE, n_boot=cfg.eval.bootstrap,
+    ci = bootstrap_ci(spec.task, out.targets, probs, metrics=headline_metrics(spec.task), n_boot=cfg.eval.bootstrap,
                       level=cfg.eval.ci_level, seed=cfg.train.seed, thresholds=val["thresholds"], mask=mask)
     result = {"method": cfg.method.name, "dataset": cfg.data.source, "seed": cfg.train.seed, "task": spec.task,
               "class_names": spec.class_names, "n_test": int(len(out.targets)), "test": metrics, "test_ci": ci,
