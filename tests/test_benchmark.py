@@ -186,6 +186,16 @@ def test_an_ordinal_benchmark_reports_the_quadratic_kappa_of_each_run(tmp_path):
     assert "| kappa | kappa_quadratic | ece |" in md.read_text()
 
 
+def test_a_single_seed_cell_shows_no_spread_it_cannot_have():
+    """One seed has no standard deviation; '± 0.000' would read as a perfectly stable method."""
+    from diffmed.benchmark.report import seed_cell
+
+    one = {"mean": 0.5, "std": 0.0, "low": 0.4, "high": 0.6, "per_seed": [0.5]}
+    two = {"mean": 0.5, "std": 0.1, "low": 0.4, "high": 0.6, "per_seed": [0.43, 0.57]}
+    assert seed_cell(one) == "0.500 [0.400, 0.600]"
+    assert seed_cell(two) == "0.500 ± 0.100 [0.400, 0.600]"
+
+
 def _alive(pid: int) -> bool:
     from pathlib import Path
 

@@ -44,8 +44,9 @@ def collect(runs: dict[str, list[Path]], n_boot: int = 1000) -> dict:
 
 
 def seed_cell(s: dict) -> str:
-    """'mean ± std [CI low, high]' of a ``seed_pooled_ci`` entry."""
-    return f"{s['mean']:.3f} ± {s['std']:.3f} [{s['low']:.3f}, {s['high']:.3f}]"
+    """'mean ± std [CI low, high]' of a ``seed_pooled_ci`` entry; one seed has no spread to show."""
+    spread = f" ± {s['std']:.3f}" if len(s["per_seed"]) > 1 else ""
+    return f"{s['mean']:.3f}{spread} [{s['low']:.3f}, {s['high']:.3f}]"
 
 
 def _tables(result: dict) -> list[Section]:
