@@ -16,10 +16,9 @@ committed as it stands.
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
-from diffmed.bench import dataset_overrides, markdown_table
+from diffmed.bench import dataset_overrides, keep_record, markdown_table, restore_record
 from diffmed.benchmark import BUDGETS, data_overrides, write_report
 from diffmed.benchmark.arms import parse_methods, plan_jobs
 from diffmed.benchmark.report import seed_cell
@@ -57,32 +56,19 @@ def _record_patterns(job) -> tuple[str, ...]:
     return (*kept, *PICTURES) if job.name.endswith("-s0") else kept
 
 
-def _complete(job, record: Path) -> bool:
-    return (record / ".finished").is_file() and (record / job.done).is_file()
-
-
-def _copy_record(src: Path, dest: Path, patterns: tuple[str, ...]) -> None:
-    for pattern in patterns:
-        for f in src.glob(pattern):
-            (dest / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, dest / f.relative_to(src))
-
-
 def keep_records(plan: dict, records: Path) -> None:
     """Copy the record of every finished job to ``records`` (once: a complete record is left as it is)."""
     for job in plan["jobs"]:
-        record, patterns = records / job.out.parent.name / job.out.name, _record_patterns(job)
-        if patterns and job.finished and not _complete(job, record):
-            _copy_record(job.out, record, patterns)
-            (record / ".finished").write_text(f"{job.done}\n")
+        patterns = _record_patterns(job)
+        if patterns and job.finished:
+            keep_record(job.out, records / job.out.parent.name / job.out.name, patterns, job.done)
 
 
 def restore_records(plan: dict, records: Path) -> None:
     """Put the committed records of finished jobs into the work folder, where the benchmark reads them back."""
     for job in plan["jobs"]:
-        record = records / job.out.parent.name / job.out.name
-        if not job.finished and _complete(job, record):
-            shutil.copytree(record, job.out, dirs_exist_ok=True)
+        if not job.finished:
+            restore_record(records / job.out.parent.name / job.out.name, job.out, job.done)
 
 
 def reported(plan: dict) -> tuple[list[int], list[str]]:

@@ -24,10 +24,15 @@ a generation table per class (FID/KID/precision/recall in the domain feature spa
 nearest real image) for the generator with and without L_Cont, DDIM vs DDPM sampling, and traditional
 augmentation; cost (generator training time, images/s, peak memory).
 
-Resumable: finished runs, generators, sample pools and manifests are reused; killed ones resumed.
+Resumable: finished runs, generators, sample pools and manifests are reused; killed ones resumed. Each finished
+run's record (config, metrics, test predictions), each generator's weights and each seed's misclassified
+candidates are kept under ``--out``/records and read back into an empty work folder, so the committed records
+carry the benchmark across machines and sessions: only the missing arms are trained. ``--generators-from``
+reuses the full benchmark's generators of the same training config instead of training them again.
 
     python benchmarks/rebalance.py --seeds 0 1 2 --epochs 20 --generator-epochs 200
     python benchmarks/rebalance.py --quick --arms a c          # smoke test of the traditional arms
+    python benchmarks/rebalance.py --generators-from benchmarks/results/full/pneumoniamnist_imbalanced/stages
 """
 from __future__ import annotations
 
@@ -44,12 +49,12 @@ import torch
 
 from diffmed.augment import (MANIFEST, STRATEGIES, AugmentPlan, ManifestProducer, MixedProducer, TraditionalProducer,
                              plan_from_sources, plan_strategy, read_manifest, select_misclassified, write_manifest)
-from diffmed.bench import (dataset_overrides, fmt, markdown_table, per_seed_ci, run_or_resume, save_configs,
-                           summarize, write_results)
+from diffmed.bench import (dataset_overrides, fmt, keep_record, markdown_table, per_seed_ci, record_complete,
+                           restore_record, run_or_resume, save_configs, summarize, write_results)
 from diffmed.config import DataConfig, load_config
 from diffmed.data import load_source
 from diffmed.data.types import LabelledSet
-from diffmed.engine.checkpoint import atomic_write_json
+from diffmed.engine.checkpoint import atomic_write_bytes, atomic_write_json
 from diffmed.engine.run import CONFIG_FILE, peak_memory_mb
 
 log = logging.getLogger("rebalance")
@@ -58,6 +63,13 @@ METRICS = ("balanced_acc", "f1_macro", "auc", "kappa")
 GROUPS = {"a": "no augmentation", "b": "class-weighted loss", "c": "traditional", "d": "diffusion",
           "e": "traditional + diffusion", "f": "D-Cube on the same generator"}
 RESNET18 = ("method.name=baseline", "method.params.backbone=resnet18")
+SYNTHETIC_COUNT = "synthetic_count.json"
+RUN_RECORD = ("config.yaml", "metrics.json", "predictions.csv", "model/model.json", SYNTHETIC_COUNT)
+DCUBE_RECORD = (*RUN_RECORD, "stages/dcube_selection.json", "stages/gaussianity/gaussianity.png")
+GENERATOR_RECORD = ("config.yaml", "bench_cost.json", "generator/model.json", "generator/model.safetensors")
+"""The tiny generator's weights are 2.9 MB; training one again costs 30-40 minutes on a CPU core."""
+SAMPLING_PARAMS = ("sample_every_n_epochs", "sample_per_class", "sample_steps", "sample_seed")
+"""Generator params that only shape the sample grids logged in training, not the weights."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,9 @@ def parse_args() -> argparse.Namespace:
                     help="leave the generator without L_Cont out of the generation table (saves one generator)")
     ap.add_argument("--prepare-generators", action="store_true",
                     help="only train the seeds' generators and sample their pools, then exit (to run beside arms)")
+    ap.add_argument("--generators-from", type=Path, default=None,
+                    help="a folder of generator-s<seed> runs (the full benchmark's stages) to reuse where their "
+                         "training config equals this benchmark's; others are trained")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--finished-only", action="store_true",
                     help="report the finished runs (each arm over the seeds it has) and train nothing new")
@@ -153,6 +168,21 @@ class Bench:
         self.npz = args.data_dir / f"{DATASET}.npz"
         full = load_source(DataConfig(source=str(self.npz)))
         self.train = full.subset(full.split == "train")  # the engine's training rows (official split)
+        self.records = args.out / "records"
+        self.restore_records()
+
+    # --- records ---------------------------------------------------------------------------------
+    def restore_records(self) -> None:
+        """Put the committed records of finished runs, generators and candidates into the work folder."""
+        for kind, done in (("runs", "metrics.json"), ("generators", "generator/model.json")):
+            for record in sorted((self.records / kind).glob("*")):
+                restore_record(record, self.args.work / kind / record.name, done)
+        for record in (self.records / "aug").glob("candidates-s*.json"):
+            if not (self.args.work / "aug" / record.name).is_file():
+                atomic_write_json(self.args.work / "aug" / record.name, json.loads(record.read_text()))
+
+    def keep(self, work_path: Path, patterns: tuple[str, ...], done: str) -> None:
+        keep_record(work_path, self.records / work_path.relative_to(self.args.work), patterns, done)
 
     # --- classifier runs ------------------------------------------------------------------------
     def classifier_overrides(self, seed: int) -> list[str]:
@@ -175,20 +205,37 @@ class Bench:
         return self.args.work / "runs" / f"{arm}-s{seed}"
 
     def run_arm(self, arm: Arm, seed: int) -> dict:
-        overrides = self.classifier_overrides(seed) + list(arm.method) + list(arm.overrides)
-        if arm.group == "f":
-            overrides.append(f"method.params.generator_run={self.generator(seed)}")
-        if arm.strategy is not None:
-            overrides.append(f"data.synthetic=[{self.augmented_manifest(arm, seed)}]")
-        return run_or_resume(overrides, self.run_dir(arm.name, seed))
+        """The arm's metrics on this seed: read back when finished (no manifest or pool is made), else trained."""
+        run_dir = self.run_dir(arm.name, seed)
+        if not (run_dir / "metrics.json").is_file():
+            overrides = self.classifier_overrides(seed) + list(arm.method) + list(arm.overrides)
+            if arm.group == "f":
+                overrides.append(f"method.params.generator_run={self.generator(seed)}")
+            manifest = self.augmented_manifest(arm, seed) if arm.strategy is not None else None
+            if manifest is not None:
+                overrides.append(f"data.synthetic=[{manifest}]")
+            run_or_resume(overrides, run_dir)
+            atomic_write_json(run_dir / SYNTHETIC_COUNT,
+                              {"images": sum(1 for _ in manifest.open()) - 1 if manifest else 0})
+            if arm.name == "none":  # the record keeps no weights, so select while they are here
+                self.candidates(seed)
+        self.keep(run_dir, DCUBE_RECORD if arm.group == "f" else RUN_RECORD, "metrics.json")
+        return json.loads((run_dir / "metrics.json").read_text())
 
     # --- offline augmentation ----------------------------------------------------------------------
     def candidates(self, seed: int) -> np.ndarray:
         """Misclassified near-boundary training rows of the arm-a model of this seed (cached)."""
         path = self.args.work / "aug" / f"candidates-s{seed}.json"
         if not path.is_file():
+            run_dir = self.run_dir("none", seed)
             self.run_arm(ARMS["none"], seed)
-            atomic_write_json(path, select_misclassified(self.run_dir("none", seed), self.train).to_json())
+            if not path.is_file():  # arm a trained earlier: its weights must still be in the work folder
+                if not (run_dir / "model" / "model.safetensors").is_file():
+                    raise SystemExit(f"{run_dir} holds arm a's record but not its weights, which the misclassified "
+                                     f"strategy reads: delete that folder and {self.records / 'runs' / run_dir.name} "
+                                     "to train arm a of this seed again")
+                atomic_write_json(path, select_misclassified(run_dir, self.train).to_json())
+            atomic_write_bytes(self.records / "aug" / path.name, path.read_bytes())
         return np.asarray(json.loads(path.read_text())["rows"], dtype=np.int64)
 
     def plan(self, strategy: str, seed: int) -> AugmentPlan:
@@ -221,8 +268,6 @@ class Bench:
 
         a = self.args
         run_dir = self.generator_dir(seed, "lcont" if contrastive else "plain")
-        if (run_dir / GENERATOR_DIR / "model.json").is_file():
-            return run_dir
         overrides = [*dataset_overrides(DATASET, a.data_dir), f"train.seed={seed}", "train.progress=false",
                      f"train.max_epochs={a.generator_epochs}", *self.limit_override()]
         if a.generator_batch_size:
@@ -230,17 +275,42 @@ class Bench:
         params = {"use_contrastive": contrastive, "size": a.generator_size, "max_epochs": a.generator_epochs,
                   "lr": a.generator_lr,
                   "sample_every_n_epochs": None if a.quick else 5}
-        resume = (run_dir / CONFIG_FILE).is_file()
-        _reset_peak()
-        start = time.perf_counter()
-        train_generator(load_config(None, overrides=overrides), run_dir, params, resume=resume)
-        meta = json.loads((run_dir / GENERATOR_DIR / "model.json").read_text())
-        all_segments = "train_seconds" in meta  # recorded by the generator's training clock
-        seconds = meta["train_seconds"] if all_segments else time.perf_counter() - start
-        atomic_write_json(run_dir / "bench_cost.json", {"train_seconds": seconds, "all_segments": all_segments,
-                                                        "peak_memory_mb": peak_memory_mb(), "resumed": resume,
-                                                        "epochs": a.generator_epochs})
+        cfg = load_config(None, overrides=overrides)
+        if not (run_dir / GENERATOR_DIR / "model.json").is_file() and not self.reuse_generator(seed, cfg, params,
+                                                                                                run_dir):
+            resume = (run_dir / CONFIG_FILE).is_file()
+            _reset_peak()
+            start = time.perf_counter()
+            train_generator(cfg, run_dir, params, resume=resume)
+            meta = json.loads((run_dir / GENERATOR_DIR / "model.json").read_text())
+            all_segments = "train_seconds" in meta  # recorded by the generator's training clock
+            seconds = meta["train_seconds"] if all_segments else time.perf_counter() - start
+            atomic_write_json(run_dir / "bench_cost.json", {"train_seconds": seconds, "all_segments": all_segments,
+                                                            "peak_memory_mb": peak_memory_mb(), "resumed": resume,
+                                                            "epochs": a.generator_epochs})
+        self.keep(run_dir, GENERATOR_RECORD, f"{GENERATOR_DIR}/model.json")
         return run_dir
+
+    def reuse_generator(self, seed: int, cfg, params: dict, run_dir: Path) -> bool:
+        """Copy ``--generators-from``/generator-s<seed> into ``run_dir`` if it was trained as this one would be."""
+        from diffmed.diffusion.generative import GENERATOR_DIR, parse_params
+
+        source = self.args.generators_from and self.args.generators_from / f"generator-s{seed}"
+        if not source or not record_complete(source, f"{GENERATOR_DIR}/model.json"):
+            return False
+        meta = json.loads((source / GENERATOR_DIR / "model.json").read_text())
+        theirs = load_config(source / CONFIG_FILE)
+        ours = {k: v for k, v in parse_params(params).model_dump().items() if k not in SAMPLING_PARAMS}
+        same = ({k: meta["params"].get(k) for k in ours} == ours and meta["seed"] == seed
+                and _same_data(theirs.data, cfg.data) and theirs.train.batch_size == cfg.train.batch_size)
+        if not same:
+            log.warning("%s was trained otherwise than this benchmark's generator; training seed %d's", source, seed)
+            return False
+        shutil.copytree(source, run_dir, dirs_exist_ok=True)
+        atomic_write_json(run_dir / "bench_cost.json", {"train_seconds": meta["train_seconds"], "all_segments": True,
+                                                        "peak_memory_mb": None, "resumed": False,
+                                                        "epochs": meta["epochs"], "reused_from": str(source)})
+        return True
 
     def sample(self, gen_run: Path, name: str, counts: dict[str, int], sampler: str, steps: int, seed: int) -> Path:
         """Generated images for ``counts`` (reused when complete); speed in bench_cost.json."""
@@ -331,7 +401,19 @@ class Bench:
 
 def sample_figure(bench: Bench, seed: int, per_row: int = 8) -> list[str]:
     """``samples_s{seed}.png`` beside the results: per class a row of real, traditionally augmented and
-    diffusion (training pool) images; returns its markdown."""
+    diffusion (training pool) images; returns its markdown. A report of finished runs only (``--finished-only``)
+    keeps a figure drawn before, rather than sampling the pool again for it."""
+    path = bench.args.out / f"samples_s{seed}.png"
+    rows_file = path.with_suffix(".json")
+    if not (bench.args.finished_only and path.is_file() and rows_file.is_file()):
+        labels = draw_samples(bench, seed, per_row, path)
+        atomic_write_json(rows_file, labels)
+    labels = json.loads(rows_file.read_text())
+    return [f"## Images (seed {seed}; rows top to bottom: {', '.join(labels)})\n", f"![samples]({path.name})\n"]
+
+
+def draw_samples(bench: Bench, seed: int, per_row: int, path: Path) -> list[str]:
+    """Draw the figure of :func:`sample_figure` into ``path``; returns its rows' labels."""
     from PIL import Image
 
     sources = {"real": bench.train, "traditional": bench.traditional_samples(per_row, seed),
@@ -343,10 +425,15 @@ def sample_figure(bench: Bench, seed: int, per_row: int = 8) -> list[str]:
             if len(idx) == per_row:
                 rows.append(np.concatenate([np.pad(src.images[i, ..., 0], 1) for i in idx], axis=1))
                 labels.append(f"{cls} {name}")
-    path = bench.args.out / f"samples_s{seed}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(rows).astype(np.uint8)).save(path)
-    return [f"## Images (seed {seed}; rows top to bottom: {', '.join(labels)})\n", f"![samples]({path.name})\n"]
+    return labels
+
+
+def _same_data(a, b) -> bool:
+    """The same data settings, the source compared by file name (machines keep the data in different folders)."""
+    return (a.model_dump(exclude={"source"}) == b.model_dump(exclude={"source"})
+            and Path(a.source).name == Path(b.source).name)
 
 
 def _reset_peak() -> None:
@@ -372,10 +459,7 @@ def compare(bench: Bench, arm_a: str, arm_b: str, seeds: list[int]) -> dict:
 
 
 def _synthetic_count(bench: Bench, arm: Arm, seed: int) -> int:
-    if arm.strategy is None:
-        return 0
-    manifest = bench.args.work / "aug" / f"{arm.producer}-{arm.strategy}-s{seed}" / MANIFEST
-    return sum(1 for _ in manifest.open()) - 1
+    return json.loads((bench.run_dir(arm.name, seed) / SYNTHETIC_COUNT).read_text())["images"]
 
 
 def main() -> None:

@@ -2,7 +2,9 @@
 
 A benchmark is a grid of runs (method x dataset x seed), each an ordinary run folder trained by the
 engine. Finished runs (``metrics.json`` present) are read back, killed ones resumed, missing ones
-started, so rerunning a killed benchmark redoes nothing and gives the same table.
+started, so rerunning a killed benchmark redoes nothing and gives the same table. A finished run's record
+(what a report reads of it, a few files) is kept beside the committed results and put back into an empty work
+folder, so a benchmark carries across machines and sessions without its checkpoints.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -138,3 +141,30 @@ def save_configs(run_dirs: Iterable[Path], out_dir: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for run_dir in map(Path, run_dirs):
         atomic_write_bytes(dest / f"{run_dir.name}.yaml", (run_dir / CONFIG_FILE).read_bytes())
+
+
+FINISHED = ".finished"
+"""Written last into a record: a record without it was cut short and is copied again."""
+
+
+def record_complete(record: Path, done: str) -> bool:
+    return (record / FINISHED).is_file() and (record / done).is_file()
+
+
+def keep_record(run_dir: Path, record: Path, patterns: Iterable[str], done: str) -> None:
+    """Copy the files of a finished ``run_dir`` (``done`` present) matching ``patterns`` to ``record``, once."""
+    if not (run_dir / done).is_file() or record_complete(record, done):
+        return
+    for pattern in patterns:
+        for f in run_dir.glob(pattern):
+            (record / f.relative_to(run_dir)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, record / f.relative_to(run_dir))
+    (record / FINISHED).write_text(f"{done}\n")
+
+
+def restore_record(record: Path, run_dir: Path, done: str) -> bool:
+    """Put a complete record back where its run is read (unless that run has finished there); True if it did."""
+    if (run_dir / done).is_file() or not record_complete(record, done):
+        return False
+    shutil.copytree(record, run_dir, dirs_exist_ok=True)
+    return True
