@@ -14,7 +14,11 @@ the validation temperature, and everything is tested once on the official test s
 Also written: classifier cost with adaptive pruning vs full evaluation (forward passes, seconds per
 image, accuracy, agreement), the pre-training loss curves (unconditional vs representation-conditioned,
 the paper's Fig. 8) as a PNG, and generation metrics of the pre-trained models (Table 3 analogue, via
-``diffmed.evaluation.generation``). Finished runs are read back, killed ones resumed.
+``diffmed.evaluation.generation``). Finished runs are read back, killed ones resumed. Each finished run's record
+(config, metrics, test predictions, model contract; a Zero row's cost table), the pre-training loss logs and the
+generation metrics are kept under ``--out``/records and put back into an empty work folder, so the committed
+records carry the benchmark across sessions without weights: a Zero row's re-scored rows and cost table are
+computed as soon as it finishes, while its weights are still there.
 
     python benchmarks/pretrain.py --seeds 0 1 2                     # full protocol (GPU advised)
     python benchmarks/pretrain.py --budget cpu --seeds 0 1 2        # same protocol, short schedules (2 CPU cores)
@@ -33,7 +37,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from diffmed.bench import fmt, markdown_table, per_seed_ci, run_or_resume, summarize, trained_run, write_results
+from diffmed.bench import (fmt, keep_record, markdown_table, per_seed_ci, restore_record, run_or_resume, summarize,
+                           trained_run, write_results)
 from diffmed.config import load_config, save_config
 from diffmed.diffusion.pretrain import load_pretrained, make_scheduler, pretrain, sample
 from diffmed.engine.checkpoint import atomic_write_json
@@ -86,6 +91,11 @@ ROWS = {  # name: (label, pre-training it needs or None, method overrides)
     "dit_uncond_probe": ("Unconditional DiT + linear probe (tokens)", "unconditional", ["method.name=dit_probe"]),
     "dit_rep_probe": ("Representation DiT + linear probe (r)", "representation", ["method.name=dit_probe"]),
 }
+RECORD = ("config.yaml", "metrics.json", "predictions.csv", "model/model.json", "rescored.json", "pruning_cost.json")
+"""What of a finished run the report reads (no weights)."""
+LOSS_LOG = "stages/pretrain/logs/metrics.csv"
+PRETRAINED = "stages/pretrain/model/pretrain.json"
+"""Written when pre-training finishes: its loss log is complete."""
 PRUNE_AFTER = (3, 2, 1)
 """First-round lengths of the cost table, besides the model's default (half the evaluations)."""
 
@@ -102,6 +112,7 @@ def diffusion_optim(s: dict) -> list[str]:
     return ["optim.optimizer=adamw", f"optim.lr={s.get('zero_tune_lr', 1e-4)}", "optim.schedule=none"]
 
 
+ZERO_ROWS = ("dit_uncond_zero", "dit_rep_zero")
 RESCORED = {f"dit_{m}_{row}": (f"dit_{m}_zero", score, norm) for m in ("uncond", "rep")
             for row, score, norm in (("zero_b", "x0", "pooled"), ("zero_pt", "x0", "per_timestep"),
                                      ("eps", "epsilon", "pooled"))}
@@ -157,7 +168,12 @@ def run(name: str, data: Path, seed: int, s: dict, work: Path) -> tuple[dict, Pa
         base, score, norm = RESCORED[name]
         _, base_dir = run(base, data, seed, s, work)
         if not (run_dir / "metrics.json").is_file():
+            if not (base_dir / "model" / "model.safetensors").is_file():
+                raise SystemExit(f"{base_dir} holds {base}'s record but not the weights that re-scoring into {name} "
+                                 f"reads: delete that folder and its record under --out/records/runs to tune it again")
             rescore(base_dir, run_dir, score, norm)
+        return with_cis(json.loads((run_dir / "metrics.json").read_text()), run_dir, s["bootstrap"]), run_dir
+    if (run_dir / "metrics.json").is_file():  # finished (or restored from its record): nothing to pre-train
         return with_cis(json.loads((run_dir / "metrics.json").read_text()), run_dir, s["bootstrap"]), run_dir
     _, kind, method = ROWS[name]
     epochs = s.get("zero_tune_epochs", s["tune_epochs"]) if tunes_denoiser(name) else s["tune_epochs"]
@@ -168,7 +184,35 @@ def run(name: str, data: Path, seed: int, s: dict, work: Path) -> tuple[dict, Pa
         overrides += [f"method.params.mode={kind}", *dit_params(s)]
         overrides += diffusion_optim(s) if tunes_denoiser(name) else []
     result = run_or_resume(overrides, run_dir)
+    if name in ZERO_ROWS:  # what else reads these weights, now, so that the record needs none
+        for row in (r for r, (b, _, _) in RESCORED.items() if b == name and r in s["rows"]):
+            run(row, data, seed, s, work)
+        if seed == s["cost_seed"]:
+            classifier_cost(run_dir, s["cost_images"])
     return with_cis(result, run_dir, s["bootstrap"]), run_dir
+
+
+def keep_records(work: Path, records: Path, seeds: list[int]) -> None:
+    """Copy the record of every finished run, the pre-training loss logs and the generation metrics (once)."""
+    for run_dir in (work / "runs").glob("*-s*"):
+        keep_record(run_dir, records / "runs" / run_dir.name, RECORD, "metrics.json")
+    for pre in (work / "pretrain").glob("*-s*"):
+        keep_record(pre, records / "pretrain" / pre.name, (LOSS_LOG, PRETRAINED), PRETRAINED)
+    for seed in seeds:
+        if (g := work / f"generation-s{seed}.json").is_file():
+            atomic_write_json(records / g.name, json.loads(g.read_text()))
+
+
+def restore_records(records: Path, work: Path) -> None:
+    """Put the committed records of finished runs and the generation metrics back into the work folder.
+
+    The pre-training logs stay in the records (the loss curves read them there): a pre-training folder in the
+    work folder means weights."""
+    for record in sorted((records / "runs").glob("*-s*")):
+        restore_record(record, work / "runs" / record.name, "metrics.json")
+    for g in records.glob("generation-s*.json"):
+        if not (work / g.name).is_file():
+            atomic_write_json(work / g.name, json.loads(g.read_text()))
 
 
 @torch.no_grad()
@@ -245,8 +289,8 @@ def classifier_cost(run_dir: Path, n_images: int) -> list[dict]:
     return rows
 
 
-def loss_curves(work: Path, seeds: list[int], path: Path) -> dict:
-    """Fig. 8 analogue: pre-training loss per step, unconditional vs representation-conditioned."""
+def loss_curves(records: Path, seeds: list[int], path: Path) -> dict:
+    """Fig. 8 analogue: pre-training loss per step, unconditional vs representation-conditioned (from the records)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -255,7 +299,7 @@ def loss_curves(work: Path, seeds: list[int], path: Path) -> dict:
     minima = {}
     for kind, colour in (("unconditional", "tab:cyan"), ("representation", "tab:blue")):
         for seed in seeds:
-            csv = work / "pretrain" / f"{kind}-s{seed}" / "stages" / "pretrain" / "logs" / "metrics.csv"
+            csv = records / "pretrain" / f"{kind}-s{seed}" / LOSS_LOG
             if not csv.is_file():
                 continue
             df = pd.read_csv(csv)
@@ -335,10 +379,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pretrain")
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "pretrain")
     args = ap.parse_args()
-    s = BUDGETS[args.budget]
+    s = {**BUDGETS[args.budget], "rows": args.rows, "cost_seed": args.seeds[0]}
     work = args.work / args.budget
     out = args.out if args.budget == "full" else args.out / args.budget
     data = tiny_dataset(work / "data") if args.budget == "tiny" else DATA
+    restore_records(out / "records", work)
 
     results, per_run, run_dirs = {}, {}, {}
     for name in args.rows:
@@ -348,6 +393,7 @@ def main() -> None:
             if args.finished_only and not (run_dir_of(work, needs, seed) / "metrics.json").is_file():
                 continue
             result, run_dir = run(name, data, seed, s, work)
+            keep_records(work, out / "records", args.seeds)
             runs.append(result)
             run_dirs[(name, seed)] = run_dir
         if not runs:
@@ -358,14 +404,14 @@ def main() -> None:
     md = f"# Diffusion pre-training on unlabelled PneumoniaMNIST, tuning on 10 % labels{f' ({args.budget} budget)' if args.budget != 'full' else ''}\n\n"
     md += table4(results)
     cost = {name: classifier_cost(run_dirs[(name, args.seeds[0])], s["cost_images"])
-            for name in args.rows if name.endswith("zero") and (name, args.seeds[0]) in run_dirs}
+            for name in args.rows if name in ZERO_ROWS and (name, args.seeds[0]) in run_dirs}
     if cost:
         md += "\n## Diffusion Classifier Zero: adaptive pruning vs full evaluation (seed %d, test)\n\n" % args.seeds[0]
         md += markdown_table(["model", "pruning", "passes/img", "passes vs full", "ms/img", "ACC", "agreement with full"],
                              [[ROWS[n][0], r["pruning"], f"{r['forward_passes_per_image']:.1f}",
                                f"{r['passes_vs_full']:.0%}", f"{r['seconds_per_image'] * 1000:.2f}", f"{r['acc']:.3f}",
                                f"{r['agreement_with_full']:.3f}"] for n, rs in cost.items() for r in rs])
-    minima = loss_curves(work, args.seeds, out / "pretrain_loss.png")
+    minima = loss_curves(out / "records", args.seeds, out / "pretrain_loss.png")
     md += "\n## Pre-training loss (Fig. 8 analogue)\n\n![loss](pretrain_loss.png)\n\nMinimum loss: " + \
           ", ".join(f"{k} {v:.2e}" for k, v in minima.items()) + "\n"
     generation = {}
@@ -375,6 +421,7 @@ def main() -> None:
         md += markdown_table(["pre-training", "feature space", "FID", "KID", "precision", "recall"],
                              [[k, g["feature_space"], f"{g['fid']:.2f}", f"{g['kid']:.4f}", f"{g['precision']:.3f}",
                                f"{g['recall']:.3f}"] for k, g in generation.items()])
+    keep_records(work, out / "records", args.seeds)
     settings = {**s, "budget": args.budget, "seeds": args.seeds, "data": str(data), "train_fraction": 0.1}
     md += f"\nSettings: `{json.dumps(settings)}`\n"
     write_results(out, "results", {"settings": settings, "table4": results, "per_run": per_run,
