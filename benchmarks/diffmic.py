@@ -1,7 +1,10 @@
 """DiffMIC-v2 against the ResNet-18 baseline, several seeds, and the Table IV ablation (c1-c6 + full).
 
 Every run is an ordinary run folder trained by ``diffmed.engine.run.train`` (the DCG stage included); finished
-runs (``metrics.json`` present) are read back, killed ones resumed. Both methods see the same data, split,
+runs (``metrics.json`` present) are read back, killed ones resumed. Each finished run's record (config, metrics,
+test predictions, model contract, the DCG prior's test metrics and any inference sweep) is kept under
+``--out``/records/<dataset> and put back into an empty work folder, so the committed records carry the tables
+across sessions without weights (the prior's metrics are computed as soon as a run finishes). Both methods see the same data, split,
 augmentation, optimiser, batch size and epochs; models are chosen on validation AUC. The tables give the mean
 +- std over seeds of the test metrics, each seed's 95% bootstrap CI, paired bootstrap p-values (DiffMIC-v2
 minus baseline, same test images) and the inference cost relative to the baseline.
@@ -21,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from diffmed.bench import (cost_ratio, dataset_overrides, fmt, markdown_table, mean_std, paired, per_seed_ci,
-                           pvalue_cells, run_or_resume, summarize, trained_run, write_results)
+from diffmed.bench import (cost_ratio, dataset_overrides, fmt, keep_record, markdown_table, mean_std, paired,
+                           per_seed_ci, pvalue_cells, restore_record, run_or_resume, summarize, trained_run,
+                           write_results)
 from diffmed.engine.checkpoint import atomic_write_json
 from diffmed.methods.diffmic.method import DCG_WEIGHTS, VARIANTS
 
@@ -80,12 +84,39 @@ def share_dcg_stage(args: argparse.Namespace, dataset: str, tag: str, epochs: in
         shutil.copyfile(source, target)
 
 
+PRIOR_ALONE = "prior_alone.json"
+RECORD = ("config.yaml", "metrics.json", "predictions.csv", "model/model.json", PRIOR_ALONE, "sweep.json")
+"""What of a finished run the tables read (no weights)."""
+
+
+def record_of(args: argparse.Namespace, run_dir: Path) -> Path:
+    return args.out / "records" / run_dir.relative_to(args.work)
+
+
+def restore_records(args: argparse.Namespace) -> None:
+    """Put the committed records of finished runs back into the work folder, where the tables read them."""
+    for record in sorted((args.out / "records").glob("*/*-s*")):
+        restore_record(record, args.work / record.relative_to(args.out / "records"), "metrics.json")
+
+
 def run(args: argparse.Namespace, dataset: str, tag: str, epochs: int, seed: int) -> tuple[dict, Path]:
     run_dir = run_dir_of(args, dataset, tag, epochs, seed)
     if tag not in ("baseline", "full"):
         share_dcg_stage(args, dataset, tag, epochs, seed)
     overrides = common_overrides(args, dataset, epochs, seed) + method_overrides(tag, args, epochs)
-    return run_or_resume(overrides, run_dir), run_dir
+    metrics = run_or_resume(overrides, run_dir)
+    if tag == "full":
+        prior_alone(run_dir)  # while the weights are here: the record keeps none
+    keep_record(run_dir, record_of(args, run_dir), RECORD, "metrics.json")
+    return metrics, run_dir
+
+
+def weighted_run(run_dir: Path, needs: str) -> tuple:
+    """``trained_run``, or a clear stop where the folder holds a record but no weights."""
+    if not (run_dir / "model" / "model.safetensors").is_file():
+        raise SystemExit(f"{run_dir} holds a record without the weights that {needs} reads: delete that folder "
+                         f"and its record under --out/records to train it again")
+    return trained_run(run_dir)
 
 
 def method_rows(name: str, s: dict, base: dict) -> list[str]:
@@ -138,8 +169,12 @@ def split_metrics(method, cfg, data, split: str, prior_only: bool = False) -> di
 
 
 def prior_alone(run_dir: Path) -> dict:
-    method, _, cfg, data = trained_run(run_dir)
-    return split_metrics(method, cfg, data, "test", prior_only=True)
+    """Test metrics of the DCG prior M alone (kept in the run folder: computed once, while the weights exist)."""
+    cache = run_dir / PRIOR_ALONE
+    if not cache.is_file():
+        method, _, cfg, data = weighted_run(run_dir, "the DCG prior's metrics")
+        atomic_write_json(cache, split_metrics(method, cfg, data, "test", prior_only=True))
+    return json.loads(cache.read_text())
 
 
 def sweep_run(run_dir: Path) -> dict[str, dict]:
@@ -151,7 +186,7 @@ def sweep_run(run_dir: Path) -> dict[str, dict]:
     prior = out.get("DCG prior M alone", {})
     if out.keys() == kept and prior.keys() == set(PRIOR_SPLITS):
         return out
-    method, _, cfg, data = trained_run(run_dir)
+    method, _, cfg, data = weighted_run(run_dir, "the inference sweep")
     # the training split tells whether the frozen DCG memorised its images (then the denoiser learns to copy M)
     out["DCG prior M alone"] = {s: prior.get(s) or split_metrics(method, cfg, data, s, True) for s in PRIOR_SPLITS}
     default = method.params
@@ -174,7 +209,10 @@ def sweep(args: argparse.Namespace, epochs: dict[str, int]) -> tuple[dict, str]:
         seeds = seeds_to_report(args, dataset, ("full",), epochs[dataset])
         if not seeds:
             continue
-        per_seed = [sweep_run(run_dir_of(args, dataset, "full", epochs[dataset], s)) for s in seeds]
+        dirs = [run_dir_of(args, dataset, "full", epochs[dataset], s) for s in seeds]
+        per_seed = [sweep_run(d) for d in dirs]
+        for d, r in zip(dirs, per_seed):  # the record was kept before the sweep ran
+            atomic_write_json(record_of(args, d) / "sweep.json", r)
         results[dataset] = {"seeds": seeds, "per_seed": per_seed}
         rows = [[name, *(f"{mean_std(r[name][split][m] for r in per_seed)[0]:.3f}"
                          for split in ("val", "test") for m in SWEEP_METRICS)] for name in per_seed[0]]
@@ -271,6 +309,7 @@ def main() -> None:
     if args.ablation and args.datasets == ap.get_default("datasets"):
         args.datasets = ["pneumoniamnist"]
     epochs = parse_epochs(args.epochs, args.datasets)
+    restore_records(args)
     name, job = (("ablation", ablation) if args.ablation else ("sweep", sweep) if args.sweep
                  else ("results", compare_main))
     results, md = job(args, epochs)
