@@ -73,14 +73,19 @@ def restore_records(plan: dict, records: Path) -> None:
 
 def reported(plan: dict) -> tuple[list[int], list[str]]:
     """Seeds and methods to report: the seeds on which every method has finished, or, before any has, the
-    methods finished on the first seed (with the baseline among them; the table names the missing ones)."""
+    largest complete grid of finished runs (first seeds x the methods finished on all of them, the baseline
+    among them; more runs first, then more methods). The table names the missing methods."""
     done = {job.out for job in plan["jobs"] if job.finished}
     runs = plan["runs"]
     seeds = [i for i in range(len(runs["baseline"])) if all(dirs[i] in done for dirs in runs.values())]
     if seeds:
         return seeds, list(runs)
-    first = [m for m, dirs in runs.items() if dirs[0] in done]
-    return ([0], first) if "baseline" in first else ([], [])
+    grids = []
+    for n in range(1, len(runs["baseline"]) + 1):
+        methods = [m for m, dirs in runs.items() if all(d in done for d in dirs[:n])]
+        if "baseline" in methods:
+            grids.append((n * len(methods), len(methods), list(range(n)), methods))
+    return max(grids)[2:] if grids else ([], [])
 
 
 def report(plan: dict, work: Path, out: Path, methods: list[str]) -> dict | None:
@@ -116,8 +121,8 @@ def table(results: dict[str, dict]) -> str:
     for name, result in results.items():
         parts.append(f"## {name} (seeds {result['seeds']})\n\nPublished: {PUBLISHED[name]}.\n")
         if result["missing"]:
-            parts.append(f"Partial: no seed has every method yet; seed {result['seeds'][0]}'s finished runs, without "
-                         f"{', '.join(result['missing'])} (not finished yet).\n")
+            parts.append(f"Partial: no seed has every method yet; the methods finished on seeds {result['seeds']}, "
+                         f"without {', '.join(result['missing'])} (not finished on all of them yet).\n")
         shown = [*SHOWN, *(k for k in ("kappa_quadratic",) if k in result["methods"]["baseline"]["metrics"])]
         rows = [[m, *(seed_cell(e["metrics"][k]) for k in shown), vs_baseline(e),
                  f"{e['cost']['infer_seconds_per_image'] * 1e3:.1f}", f"{e['cost']['train_seconds']:.0f}"]

@@ -237,3 +237,20 @@ def test_a_killed_parallel_benchmark_stops_its_worker_processes(tmp_path):
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(pid) for pid in workers), "worker processes outlived the killed benchmark"
+
+
+def test_a_partial_report_shows_the_largest_complete_grid_of_finished_runs(tmp_path):
+    from types import SimpleNamespace
+
+    full = load_benchmark("full")
+    runs = {m: [tmp_path / f"{m}-s{i}" for i in range(3)] for m in ("baseline", "class_weighted", "diffmic_v2", "dcube")}
+
+    def plan(**finished):  # seeds finished per method, in order
+        return {"runs": runs, "jobs": [SimpleNamespace(out=d, finished=i < finished.get(m, 0))
+                                       for m, dirs in runs.items() for i, d in enumerate(dirs)]}
+
+    assert full.reported(plan(baseline=3, class_weighted=3, diffmic_v2=1)) == ([0, 1, 2], ["baseline", "class_weighted"])
+    assert full.reported(plan(baseline=3, class_weighted=2, diffmic_v2=2)) == (
+        [0, 1], ["baseline", "class_weighted", "diffmic_v2"])  # 3 methods x 2 seeds beat 1 x 3
+    assert full.reported(plan(baseline=3, class_weighted=3, diffmic_v2=3, dcube=3))[0] == [0, 1, 2]
+    assert full.reported(plan(class_weighted=3, diffmic_v2=3)) == ([], [])  # never without the baseline
