@@ -12,6 +12,13 @@ are chosen on validation AUC. Output (JSON + markdown + Fig. 2 PNGs) goes to ``b
 * Fig. 2: KS p-value per block and timestep with the selected (best) and worst layers marked;
 * Table VI: best vs worst selection; Table IV (ablation) and Table VII (input) on the first dataset.
 
+Each finished run's record (config, metrics, test predictions, model.json, a D-Cube run's KS selection and the
+first seed's Gaussianity analysis; no classifier weights) and each generator's exported weights are kept under
+``--out``/records/<dataset>/ (default ``benchmarks/results/dcube/records/``) and read back into an empty work
+folder, so the committed records carry the benchmark across machines and sessions: only the missing runs are
+trained, and a finished arm needs no generator. Generators reused from ``--generators`` are recorded by the
+benchmark that trained them, not here.
+
     python benchmarks/dcube.py --seeds 3 --epochs 50 --gen-epochs 200            # GPU, hours
     python benchmarks/dcube.py --ablation-only --seeds 3 --epochs 50 --gen-epochs 200
     # smoke check (minutes on CPU):
@@ -29,8 +36,8 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from diffmed.bench import (cost_ratio, dataset_overrides, fmt, markdown_table, paired, per_seed_ci, pvalue_cells,
-                           run_or_resume, summarize, write_results)
+from diffmed.bench import (cost_ratio, dataset_overrides, fmt, keep_record, markdown_table, paired, per_seed_ci,
+                           pvalue_cells, restore_record, run_or_resume, summarize, write_results)
 from diffmed.config import load_config
 from diffmed.diffusion.generative import GENERATOR_DIR, train_generator
 from diffmed.methods.dcube import TABLE_IV, TABLE_VI, TABLE_VII, read_selection
@@ -58,6 +65,16 @@ PAPER_TABLE_IV = {"t4_baseline": (85.30, 75.82), "t4_lgen": (85.97, 77.10), "t4_
 TABLE_VII_ROWS = [("x_0, t", "dcube"), ("x_t, t", "t7_xt"), ("x_0, 0", "t7_x0_0")]
 REBALANCE_NAMES = {"lgen": "lcont", "plain": "plain"}
 """Generator folder names in ``benchmarks/rebalance.py``'s work (``--generators``)."""
+RUN_DONE, GENERATOR_DONE = "metrics.json", f"{GENERATOR_DIR}/model.json"
+RUN_RECORD = ("config.yaml", RUN_DONE, "predictions.csv", "model/model.json")
+"""What the report reads of a classifier run (tables, paired tests); no weights."""
+DCUBE_RECORD = (*RUN_RECORD, "stages/dcube_selection.json")
+"""A D-Cube run adds the KS selection that Table VI reads."""
+FIG2_RECORD = tuple(f"stages/gaussianity/{name}" for name in ("gaussianity.png", "gaussianity.md", "selection.json"))
+"""Fig. 2 reads the Gaussianity analysis of the first seed's run only."""
+GENERATOR_RECORD = ("config.yaml", "splits.json", GENERATOR_DONE, f"{GENERATOR_DIR}/model.safetensors")
+"""A generator keeps its exported weights: D-Cube arms still to train read that frozen generator (and its
+splits.json, to check it never saw their validation or test images); training it again costs hours."""
 
 
 # ------------------------------------------------------------------ overrides
@@ -98,19 +115,45 @@ def dcube_params(args: argparse.Namespace, options: dict, generator_run: Path) -
     return {**base, **{k: v for k, v in options.items() if k != "generator"}}
 
 
+# ------------------------------------------------------------------ records
+
+
+def records_dir(args: argparse.Namespace) -> Path:
+    return args.out / "records"
+
+
+def restore_records(args: argparse.Namespace) -> None:
+    """Put the committed records of finished runs and generators into the work folder (finished ones stay)."""
+    for record in sorted(p for p in records_dir(args).glob("*/*") if p.is_dir()):
+        done = GENERATOR_DONE if record.name.startswith("generator-") else RUN_DONE
+        restore_record(record, args.work / record.relative_to(records_dir(args)), done)
+
+
+def keep(args: argparse.Namespace, run_dir: Path, patterns: tuple[str, ...], done: str) -> None:
+    """Record a finished folder of the work folder (a generator reused from elsewhere is its owner's to keep)."""
+    if run_dir.parent.parent == args.work:  # WORK/<dataset>/<run>, as restore_records puts it back
+        keep_record(run_dir, records_dir(args) / run_dir.parent.name / run_dir.name, patterns, done)
+
+
+def run_record(arm: str, seed: int) -> tuple[str, ...]:
+    if arm in ("baseline", "diffmic_v2"):
+        return RUN_RECORD
+    return DCUBE_RECORD + (FIG2_RECORD if seed == 0 else ())
+
+
 # ------------------------------------------------------------------ runs
 
 
 def generator(args: argparse.Namespace, dataset: str, seed: int, variant: str) -> Path:
     """The shared step-1 generator of (dataset, seed, variant): trained once, resumed if killed."""
     run_dir = generator_dir(args, dataset, seed, variant)
-    if (run_dir / GENERATOR_DIR / "model.json").is_file():
-        return run_dir
-    resume = (run_dir / "config.yaml").is_file()
-    log.warning("%s generator %s", "resuming" if resume else "training", run_dir)
-    os.environ.pop("DIFFMED_RUN_DIR", None)
-    cfg = None if resume else load_config(None, data_overrides(args, dataset, seed, args.gen_epochs))
-    train_generator(cfg, run_dir, None if resume else generator_params(args, variant), resume=resume)
+    if not (run_dir / GENERATOR_DONE).is_file():
+        resume = (run_dir / "config.yaml").is_file()
+        log.warning("%s generator %s", "resuming" if resume else "training", run_dir)
+        os.environ.pop("DIFFMED_RUN_DIR", None)
+        cfg = None if resume else load_config(None, data_overrides(args, dataset, seed, args.gen_epochs))
+        train_generator(cfg, run_dir, None if resume else generator_params(args, variant), resume=resume)
+    keep(args, run_dir, GENERATOR_RECORD, GENERATOR_DONE)
     return run_dir
 
 
@@ -129,11 +172,20 @@ def generator_dir(args: argparse.Namespace, dataset: str, seed: int, variant: st
     (D-Cube's stage refuses a generator trained on other splits)."""
     own = args.work / dataset / f"generator-{variant}-s{seed}"
     reused = args.generators / f"{REBALANCE_NAMES[variant]}-s{seed}" if args.generators else None
-    return reused if reused and not own.is_dir() and (reused / GENERATOR_DIR / "model.json").is_file() else own
+    return reused if reused and not own.is_dir() and (reused / GENERATOR_DONE).is_file() else own
 
 
 def run_arm(args: argparse.Namespace, dataset: str, seed: int, arm: str) -> tuple[dict, Path]:
+    """The arm's metrics on this seed: read back when finished (its generator is not needed), else trained."""
     run_dir = args.work / dataset / f"{arm}-s{seed}"
+    if not (run_dir / RUN_DONE).is_file():
+        run_or_resume(arm_overrides(args, dataset, seed, arm), run_dir)
+    keep(args, run_dir, run_record(arm, seed), RUN_DONE)
+    return json.loads((run_dir / RUN_DONE).read_text()), run_dir
+
+
+def arm_overrides(args: argparse.Namespace, dataset: str, seed: int, arm: str) -> list[str]:
+    """The arm's config overrides; a D-Cube arm's point at its generator, trained first if need be."""
     overrides = classifier_overrides(args, dataset, seed)
     if arm == "baseline":
         overrides += ["method.name=baseline", "method.params.backbone=resnet18"]
@@ -145,7 +197,7 @@ def run_arm(args: argparse.Namespace, dataset: str, seed: int, arm: str) -> tupl
         variant, options = ARMS[arm]
         gen = generator(args, dataset, seed, variant)
         overrides += ["method.name=dcube", *flat_params(dcube_params(args, options, gen))]
-    return run_or_resume(overrides, run_dir), run_dir
+    return overrides
 
 
 def arm_results(args: argparse.Namespace, dataset: str, arm: str) -> dict:
@@ -248,7 +300,7 @@ def ablations(args: argparse.Namespace, dataset: str) -> tuple[dict, str]:
         "\n".join(md)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS))
     ap.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. N-1)")
@@ -275,7 +327,12 @@ def main() -> None:
     ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dcube")
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "dcube")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    restore_records(args)
     results: dict = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     md = ["# D-Cube vs ResNet-18 and DiffMIC-v2\n"]
     if not args.ablation_only:

@@ -1,0 +1,107 @@
+"""benchmarks/dcube.py carries its finished arms and generators across sessions through committed records."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import load_benchmark
+from diffmed.bench import FINISHED
+
+dc = load_benchmark("dcube")
+DATASET = "pneumoniamnist"
+
+
+class Trained(Exception):
+    """Raised by the stand-ins of training: the benchmark tried to train."""
+
+
+def refuse_training(*_, **__):
+    raise Trained
+
+
+@pytest.fixture()
+def bench_args(tmp_path, shared_data):
+    """The benchmark's own argument parsing, its work and records in ``tmp_path``."""
+    def parse(work: str = "work"):
+        return dc.parse_args(["--datasets", DATASET, "--seeds", "1", "--gen-size", "tiny",
+                              "--data-dir", str(shared_data), "--out", str(tmp_path / "out"),
+                              "--work", str(tmp_path / work)])
+    return parse
+
+
+def write_files(folder, names) -> None:
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("{}")
+
+
+def files(folder) -> list[str]:
+    return sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())
+
+
+def fake_generator_training(cfg, run_dir, params, resume=False):
+    write_files(run_dir, ["config.yaml", "splits.json", "generator_params.json", "last.ckpt",
+                          "generator/model.safetensors", "logs/samples/epoch_0001.png"])
+    (run_dir / "generator" / "model.json").write_text(json.dumps({"train_seconds": 1234.5}))
+    return run_dir
+
+
+def test_a_committed_arm_is_read_back_without_training_it_or_its_generator(bench_args, monkeypatch):
+    args = bench_args()
+    record = args.out / "records" / DATASET / "t4_baseline-s0"  # the arm of the "plain" generator
+    metrics = {"test": {"acc": 0.9}}
+    write_files(record, ["config.yaml", "predictions.csv", "model/model.json"])
+    (record / "metrics.json").write_text(json.dumps(metrics))
+    monkeypatch.setattr(dc, "run_or_resume", refuse_training)
+    monkeypatch.setattr(dc, "train_generator", refuse_training)
+    dc.restore_records(args)
+    with pytest.raises(Trained):  # a record cut short (no .finished) is not trusted: the arm is trained again
+        dc.run_arm(args, DATASET, 0, "t4_baseline")
+    (record / FINISHED).write_text("metrics.json\n")
+    dc.restore_records(args)
+    assert dc.run_arm(args, DATASET, 0, "t4_baseline") == (metrics, args.work / DATASET / "t4_baseline-s0")
+    assert not (args.work / DATASET / "generator-plain-s0").exists()
+
+
+def test_a_finished_arm_keeps_what_the_report_reads_but_no_weights(bench_args, monkeypatch):
+    def fake_training(overrides, run_dir):
+        write_files(run_dir, ["config.yaml", "metrics.json", "predictions.csv", "model/model.json",
+                              "model/model.safetensors", "last.ckpt", "splits.json", "stages/dcube_selection.json",
+                              "stages/subfeatures/model.safetensors", "stages/gaussianity/gaussianity.png",
+                              "stages/gaussianity/gaussianity.md", "stages/gaussianity/gaussianity.csv",
+                              "stages/gaussianity/selection.json"])
+
+    monkeypatch.setattr(dc, "run_or_resume", fake_training)
+    monkeypatch.setattr(dc, "train_generator", fake_generator_training)
+    args = bench_args()
+    for arm, seed in (("baseline", 0), ("dcube_worst", 0), ("dcube_worst", 1)):
+        dc.run_arm(args, DATASET, seed, arm)
+    records = args.out / "records" / DATASET
+    run = [".finished", "config.yaml", "metrics.json", "model/model.json", "predictions.csv"]
+    assert files(records / "baseline-s0") == run
+    assert files(records / "dcube_worst-s1") == sorted(run + ["stages/dcube_selection.json"])
+    assert files(records / "dcube_worst-s0") == sorted(run + [  # the first seed's, for Fig. 2
+        "stages/dcube_selection.json", "stages/gaussianity/gaussianity.md", "stages/gaussianity/gaussianity.png",
+        "stages/gaussianity/selection.json"])
+
+
+def test_a_finished_generator_keeps_its_weights_and_a_new_work_folder_trains_on_them(bench_args, monkeypatch):
+    monkeypatch.setattr(dc, "train_generator", fake_generator_training)
+    args = bench_args()
+    dc.generator(args, DATASET, 0, "lgen")
+    record = args.out / "records" / DATASET / "generator-lgen-s0"
+    assert files(record) == [".finished", "config.yaml", "generator/model.json", "generator/model.safetensors",
+                             "splits.json"]
+
+    asked = {}
+    monkeypatch.setattr(dc, "train_generator", refuse_training)
+    monkeypatch.setattr(dc, "run_or_resume", lambda overrides, run_dir: asked.update(overrides=overrides) or
+                        refuse_training())
+    moved = bench_args("moved")
+    dc.restore_records(moved)
+    own = moved.work / DATASET / "generator-lgen-s0"
+    assert dc.generator_seconds(own) == 1234.5
+    with pytest.raises(Trained):  # the arm trains (refused here) on the restored generator, not a new one
+        dc.run_arm(moved, DATASET, 0, "dcube")
+    assert f"method.params.generator_run={json.dumps(str(own))}" in asked["overrides"]
