@@ -36,10 +36,11 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from diffmed.bench import (cost_ratio, dataset_overrides, fmt, keep_record, markdown_table, paired, per_seed_ci,
-                           pvalue_cells, restore_record, run_or_resume, summarize, write_results)
+from diffmed.bench import (GENERATOR_DONE, GENERATOR_RECORD, RUN_RECORD, cost_ratio, dataset_overrides, fmt,
+                           keep_record, markdown_table, paired, per_seed_ci, pvalue_cells, restore_records,
+                           run_or_resume, summarize, write_results)
 from diffmed.config import load_config
-from diffmed.diffusion.generative import GENERATOR_DIR, train_generator
+from diffmed.diffusion.generative import train_generator
 from diffmed.methods.dcube import TABLE_IV, TABLE_VI, TABLE_VII, read_selection
 
 log = logging.getLogger("benchmarks.dcube")
@@ -65,16 +66,13 @@ PAPER_TABLE_IV = {"t4_baseline": (85.30, 75.82), "t4_lgen": (85.97, 77.10), "t4_
 TABLE_VII_ROWS = [("x_0, t", "dcube"), ("x_t, t", "t7_xt"), ("x_0, 0", "t7_x0_0")]
 REBALANCE_NAMES = {"lgen": "lcont", "plain": "plain"}
 """Generator folder names in ``benchmarks/rebalance.py``'s work (``--generators``)."""
-RUN_DONE, GENERATOR_DONE = "metrics.json", f"{GENERATOR_DIR}/model.json"
-RUN_RECORD = ("config.yaml", RUN_DONE, "predictions.csv", "model/model.json")
-"""What the report reads of a classifier run (tables, paired tests); no weights."""
+RUN_DONE = "metrics.json"
 DCUBE_RECORD = (*RUN_RECORD, "stages/dcube_selection.json")
 """A D-Cube run adds the KS selection that Table VI reads."""
 FIG2_RECORD = tuple(f"stages/gaussianity/{name}" for name in ("gaussianity.png", "gaussianity.md", "selection.json"))
 """Fig. 2 reads the Gaussianity analysis of the first seed's run only."""
-GENERATOR_RECORD = ("config.yaml", "splits.json", GENERATOR_DONE, f"{GENERATOR_DIR}/model.safetensors")
-"""A generator keeps its exported weights: D-Cube arms still to train read that frozen generator (and its
-splits.json, to check it never saw their validation or test images); training it again costs hours."""
+DCUBE_GENERATOR_RECORD = (*GENERATOR_RECORD, "splits.json")
+"""D-Cube's stage reads the generator's splits.json to check it never saw the arm's validation or test images."""
 
 
 # ------------------------------------------------------------------ overrides
@@ -122,11 +120,10 @@ def records_dir(args: argparse.Namespace) -> Path:
     return args.out / "records"
 
 
-def restore_records(args: argparse.Namespace) -> None:
+def restore_dcube_records(args: argparse.Namespace) -> None:
     """Put the committed records of finished runs and generators into the work folder (finished ones stay)."""
-    for record in sorted(p for p in records_dir(args).glob("*/*") if p.is_dir()):
-        done = GENERATOR_DONE if record.name.startswith("generator-") else RUN_DONE
-        restore_record(record, args.work / record.relative_to(records_dir(args)), done)
+    restore_records(records_dir(args), args.work, "*/*",
+                    lambda record: GENERATOR_DONE if record.name.startswith("generator-") else RUN_DONE)
 
 
 def keep(args: argparse.Namespace, run_dir: Path, patterns: tuple[str, ...], done: str) -> None:
@@ -153,14 +150,14 @@ def generator(args: argparse.Namespace, dataset: str, seed: int, variant: str) -
         os.environ.pop("DIFFMED_RUN_DIR", None)
         cfg = None if resume else load_config(None, data_overrides(args, dataset, seed, args.gen_epochs))
         train_generator(cfg, run_dir, None if resume else generator_params(args, variant), resume=resume)
-    keep(args, run_dir, GENERATOR_RECORD, GENERATOR_DONE)
+    keep(args, run_dir, DCUBE_GENERATOR_RECORD, GENERATOR_DONE)
     return run_dir
 
 
 def generator_seconds(run_dir: Path) -> float | None:
     """Training seconds of a generator over all its segments (its model.json, or the rebalancing benchmark's
     bench_cost.json for a reused one)."""
-    for path in (run_dir / GENERATOR_DIR / "model.json", run_dir / "bench_cost.json"):
+    for path in (run_dir / GENERATOR_DONE, run_dir / "bench_cost.json"):
         seconds = json.loads(path.read_text()).get("train_seconds") if path.is_file() else None
         if seconds:
             return seconds
@@ -332,7 +329,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    restore_records(args)
+    restore_dcube_records(args)
     results: dict = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     md = ["# D-Cube vs ResNet-18 and DiffMIC-v2\n"]
     if not args.ablation_only:

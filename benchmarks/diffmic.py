@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from diffmed.bench import (cost_ratio, dataset_overrides, fmt, keep_record, markdown_table, mean_std, paired,
-                           per_seed_ci, pvalue_cells, restore_record, run_or_resume, summarize, trained_run,
+from diffmed.bench import (RUN_RECORD, cost_ratio, dataset_overrides, fmt, keep_record, markdown_table, mean_std,
+                           paired, per_seed_ci, pvalue_cells, restore_records, run_or_resume, summarize, trained_run,
                            write_results)
 from diffmed.engine.checkpoint import atomic_write_json
 from diffmed.methods.diffmic.method import DCG_WEIGHTS, VARIANTS
@@ -85,7 +85,7 @@ def share_dcg_stage(args: argparse.Namespace, dataset: str, tag: str, epochs: in
 
 
 PRIOR_ALONE = "prior_alone.json"
-RECORD = ("config.yaml", "metrics.json", "predictions.csv", "model/model.json", PRIOR_ALONE, "sweep.json")
+RECORD = (*RUN_RECORD, PRIOR_ALONE, "sweep.json")
 """What of a finished run the tables read (no weights)."""
 
 
@@ -93,10 +93,11 @@ def record_of(args: argparse.Namespace, run_dir: Path) -> Path:
     return args.out / "records" / run_dir.relative_to(args.work)
 
 
-def restore_records(args: argparse.Namespace) -> None:
+
+
+def restore_diffmic_records(args: argparse.Namespace) -> None:
     """Put the committed records of finished runs back into the work folder, where the tables read them."""
-    for record in sorted((args.out / "records").glob("*/*-s*")):
-        restore_record(record, args.work / record.relative_to(args.out / "records"), "metrics.json")
+    restore_records(args.out / "records", args.work, "*/*-s*", "metrics.json")
 
 
 def run(args: argparse.Namespace, dataset: str, tag: str, epochs: int, seed: int) -> tuple[dict, Path]:
@@ -309,7 +310,7 @@ def main() -> None:
     if args.ablation and args.datasets == ap.get_default("datasets"):
         args.datasets = ["pneumoniamnist"]
     epochs = parse_epochs(args.epochs, args.datasets)
-    restore_records(args)
+    restore_diffmic_records(args)
     name, job = (("ablation", ablation) if args.ablation else ("sweep", sweep) if args.sweep
                  else ("results", compare_main))
     results, md = job(args, epochs)

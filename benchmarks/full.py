@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffmed.bench import dataset_overrides, keep_record, markdown_table, restore_record
+from diffmed.bench import GENERATOR_RECORD, RUN_RECORD, dataset_overrides, keep_record, markdown_table, restore_record
 from diffmed.benchmark import BUDGETS, data_overrides, write_report
 from diffmed.benchmark.arms import parse_methods, plan_jobs
 from diffmed.benchmark.report import seed_cell
@@ -36,11 +36,6 @@ PUBLISHED = {  # ../shared/data/README.md: MedMNIST v2 Table 3 ResNet-18 (28 px,
 SHOWN = ("acc", "balanced_acc", "f1_macro", "auc")
 
 
-RECORD = ("config.yaml", "metrics.json", "predictions.csv", "model/model.json")
-"""What the benchmark report reads of a run; no weights (the checkpoints stay in the work folder)."""
-GENERATOR_RECORD = ("config.yaml", "generator/model.json", "generator/model.safetensors")
-"""A generator stage keeps its exported weights (2.9 MB for the tiny UNet): D-Cube reads that frozen
-generator's features, and training it again costs 25-40 minutes per seed on 2 shared CPU cores."""
 PICTURES = ("plots/*.png", "**/gaussianity.png", "**/*trajectory*.png", "**/*gradcam*.png", "**/samples/*.png")
 """The report shows each method's first seed's pictures (and its generator's samples), so only those are kept."""
 
@@ -50,7 +45,7 @@ def _record_patterns(job) -> tuple[str, ...]:
     if job.name.startswith("generator-"):
         kept = GENERATOR_RECORD
     elif job.done == "metrics.json":
-        kept = RECORD
+        kept = RUN_RECORD
     else:
         return ()
     return (*kept, *PICTURES) if job.name.endswith("-s0") else kept

@@ -37,8 +37,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from diffmed.bench import (fmt, keep_record, markdown_table, per_seed_ci, restore_record, run_or_resume, summarize,
-                           trained_run, write_results)
+from diffmed.bench import (RUN_RECORD, fmt, keep_record, markdown_table, per_seed_ci, restore_records, run_or_resume,
+                           summarize, trained_run, write_results)
 from diffmed.config import load_config, save_config
 from diffmed.diffusion.pretrain import load_pretrained, make_scheduler, pretrain, sample
 from diffmed.engine.checkpoint import atomic_write_json
@@ -91,7 +91,7 @@ ROWS = {  # name: (label, pre-training it needs or None, method overrides)
     "dit_uncond_probe": ("Unconditional DiT + linear probe (tokens)", "unconditional", ["method.name=dit_probe"]),
     "dit_rep_probe": ("Representation DiT + linear probe (r)", "representation", ["method.name=dit_probe"]),
 }
-RECORD = ("config.yaml", "metrics.json", "predictions.csv", "model/model.json", "rescored.json", "pruning_cost.json")
+RECORD = (*RUN_RECORD, "rescored.json", "pruning_cost.json")
 """What of a finished run the report reads (no weights)."""
 LOSS_LOG = "stages/pretrain/logs/metrics.csv"
 PRETRAINED = "stages/pretrain/model/pretrain.json"
@@ -163,18 +163,24 @@ def run_dir_of(work: Path, name: str, seed: int) -> Path:
 
 
 def run(name: str, data: Path, seed: int, s: dict, work: Path) -> tuple[dict, Path]:
+    """A row's results on ``seed``: read back when finished (or restored from its record), made otherwise."""
     run_dir = run_dir_of(work, name, seed)
-    if name in RESCORED:
-        base, score, norm = RESCORED[name]
-        _, base_dir = run(base, data, seed, s, work)
-        if not (run_dir / "metrics.json").is_file():
-            if not (base_dir / "model" / "model.safetensors").is_file():
-                raise SystemExit(f"{base_dir} holds {base}'s record but not the weights that re-scoring into {name} "
-                                 f"reads: delete that folder and its record under --out/records/runs to tune it again")
-            rescore(base_dir, run_dir, score, norm)
-        return with_cis(json.loads((run_dir / "metrics.json").read_text()), run_dir, s["bootstrap"]), run_dir
-    if (run_dir / "metrics.json").is_file():  # finished (or restored from its record): nothing to pre-train
-        return with_cis(json.loads((run_dir / "metrics.json").read_text()), run_dir, s["bootstrap"]), run_dir
+    if not (run_dir / "metrics.json").is_file():
+        (rescore_row if name in RESCORED else tune_row)(name, data, seed, s, work)
+    return with_cis(json.loads((run_dir / "metrics.json").read_text()), run_dir, s["bootstrap"]), run_dir
+
+
+def rescore_row(name: str, data: Path, seed: int, s: dict, work: Path) -> None:
+    base, score, norm = RESCORED[name]
+    _, base_dir = run(base, data, seed, s, work)
+    if not (base_dir / "model" / "model.safetensors").is_file():
+        raise SystemExit(f"{base_dir} holds {base}'s record but not the weights that re-scoring into {name} "
+                         f"reads: delete that folder and its record under --out/records/runs to tune it again")
+    rescore(base_dir, run_dir_of(work, name, seed), score, norm)
+
+
+def tune_row(name: str, data: Path, seed: int, s: dict, work: Path) -> None:
+    run_dir = run_dir_of(work, name, seed)
     _, kind, method = ROWS[name]
     epochs = s.get("zero_tune_epochs", s["tune_epochs"]) if tunes_denoiser(name) else s["tune_epochs"]
     overrides = common(data, seed, s) + method + ["data.train_fraction=0.1", f"train.max_epochs={epochs}"]
@@ -183,13 +189,12 @@ def run(name: str, data: Path, seed: int, s: dict, work: Path) -> tuple[dict, Pa
     if kind in ("unconditional", "representation"):
         overrides += [f"method.params.mode={kind}", *dit_params(s)]
         overrides += diffusion_optim(s) if tunes_denoiser(name) else []
-    result = run_or_resume(overrides, run_dir)
+    run_or_resume(overrides, run_dir)
     if name in ZERO_ROWS:  # what else reads these weights, now, so that the record needs none
         for row in (r for r, (b, _, _) in RESCORED.items() if b == name and r in s["rows"]):
             run(row, data, seed, s, work)
         if seed == s["cost_seed"]:
             classifier_cost(run_dir, s["cost_images"])
-    return with_cis(result, run_dir, s["bootstrap"]), run_dir
 
 
 def keep_records(work: Path, records: Path, seeds: list[int]) -> None:
@@ -199,17 +204,16 @@ def keep_records(work: Path, records: Path, seeds: list[int]) -> None:
     for pre in (work / "pretrain").glob("*-s*"):
         keep_record(pre, records / "pretrain" / pre.name, (LOSS_LOG, PRETRAINED), PRETRAINED)
     for seed in seeds:
-        if (g := work / f"generation-s{seed}.json").is_file():
+        if (g := work / f"generation-s{seed}.json").is_file() and not (records / g.name).is_file():
             atomic_write_json(records / g.name, json.loads(g.read_text()))
 
 
-def restore_records(records: Path, work: Path) -> None:
+def restore_pretrain_records(records: Path, work: Path) -> None:
     """Put the committed records of finished runs and the generation metrics back into the work folder.
 
     The pre-training logs stay in the records (the loss curves read them there): a pre-training folder in the
     work folder means weights."""
-    for record in sorted((records / "runs").glob("*-s*")):
-        restore_record(record, work / "runs" / record.name, "metrics.json")
+    restore_records(records, work, "runs/*-s*", "metrics.json")
     for g in records.glob("generation-s*.json"):
         if not (work / g.name).is_file():
             atomic_write_json(work / g.name, json.loads(g.read_text()))
@@ -383,7 +387,7 @@ def main() -> None:
     work = args.work / args.budget
     out = args.out if args.budget == "full" else args.out / args.budget
     data = tiny_dataset(work / "data") if args.budget == "tiny" else DATA
-    restore_records(out / "records", work)
+    restore_pretrain_records(out / "records", work)
 
     results, per_run, run_dirs = {}, {}, {}
     for name in args.rows:

@@ -49,8 +49,9 @@ import torch
 
 from diffmed.augment import (MANIFEST, STRATEGIES, AugmentPlan, ManifestProducer, MixedProducer, TraditionalProducer,
                              plan_from_sources, plan_strategy, read_manifest, select_misclassified, write_manifest)
-from diffmed.bench import (dataset_overrides, fmt, keep_record, markdown_table, per_seed_ci, record_complete,
-                           restore_record, run_or_resume, save_configs, summarize, write_results)
+from diffmed.bench import GENERATOR_RECORD as BASE_GENERATOR_RECORD, RUN_RECORD as BASE_RUN_RECORD
+from diffmed.bench import (GENERATOR_DONE, dataset_overrides, fmt, keep_record, markdown_table, per_seed_ci,
+                           record_complete, restore_records, run_or_resume, save_configs, summarize, write_results)
 from diffmed.config import DataConfig, load_config
 from diffmed.data import load_source
 from diffmed.data.types import LabelledSet
@@ -64,9 +65,9 @@ GROUPS = {"a": "no augmentation", "b": "class-weighted loss", "c": "traditional"
           "e": "traditional + diffusion", "f": "D-Cube on the same generator"}
 RESNET18 = ("method.name=baseline", "method.params.backbone=resnet18")
 SYNTHETIC_COUNT = "synthetic_count.json"
-RUN_RECORD = ("config.yaml", "metrics.json", "predictions.csv", "model/model.json", SYNTHETIC_COUNT)
+RUN_RECORD = (*BASE_RUN_RECORD, SYNTHETIC_COUNT)
 DCUBE_RECORD = (*RUN_RECORD, "stages/dcube_selection.json", "stages/gaussianity/gaussianity.png")
-GENERATOR_RECORD = ("config.yaml", "bench_cost.json", "generator/model.json", "generator/model.safetensors")
+GENERATOR_RECORD = (*BASE_GENERATOR_RECORD, "bench_cost.json")
 """The tiny generator's weights are 2.9 MB; training one again costs 30-40 minutes on a CPU core."""
 SAMPLING_PARAMS = ("sample_every_n_epochs", "sample_per_class", "sample_steps", "sample_seed")
 """Generator params that only shape the sample grids logged in training, not the weights."""
@@ -174,9 +175,8 @@ class Bench:
     # --- records ---------------------------------------------------------------------------------
     def restore_records(self) -> None:
         """Put the committed records of finished runs, generators and candidates into the work folder."""
-        for kind, done in (("runs", "metrics.json"), ("generators", "generator/model.json")):
-            for record in sorted((self.records / kind).glob("*")):
-                restore_record(record, self.args.work / kind / record.name, done)
+        restore_records(self.records, self.args.work, "runs/*", "metrics.json")
+        restore_records(self.records, self.args.work, "generators/*", GENERATOR_DONE)
         for record in (self.records / "aug").glob("candidates-s*.json"):
             if not (self.args.work / "aug" / record.name).is_file():
                 atomic_write_json(self.args.work / "aug" / record.name, json.loads(record.read_text()))
@@ -288,7 +288,7 @@ class Bench:
             atomic_write_json(run_dir / "bench_cost.json", {"train_seconds": seconds, "all_segments": all_segments,
                                                             "peak_memory_mb": peak_memory_mb(), "resumed": resume,
                                                             "epochs": a.generator_epochs})
-        self.keep(run_dir, GENERATOR_RECORD, f"{GENERATOR_DIR}/model.json")
+        self.keep(run_dir, GENERATOR_RECORD, GENERATOR_DONE)
         return run_dir
 
     def reuse_generator(self, seed: int, cfg, params: dict, run_dir: Path) -> bool:
@@ -296,7 +296,7 @@ class Bench:
         from diffmed.diffusion.generative import GENERATOR_DIR, parse_params
 
         source = self.args.generators_from and self.args.generators_from / f"generator-s{seed}"
-        if not source or not record_complete(source, f"{GENERATOR_DIR}/model.json"):
+        if not source or not record_complete(source, GENERATOR_DONE):
             return False
         meta = json.loads((source / GENERATOR_DIR / "model.json").read_text())
         theirs = load_config(source / CONFIG_FILE)

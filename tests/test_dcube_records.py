@@ -55,11 +55,11 @@ def test_a_committed_arm_is_read_back_without_training_it_or_its_generator(bench
     (record / "metrics.json").write_text(json.dumps(metrics))
     monkeypatch.setattr(dc, "run_or_resume", refuse_training)
     monkeypatch.setattr(dc, "train_generator", refuse_training)
-    dc.restore_records(args)
+    dc.restore_dcube_records(args)
     with pytest.raises(Trained):  # a record cut short (no .finished) is not trusted: the arm is trained again
         dc.run_arm(args, DATASET, 0, "t4_baseline")
     (record / FINISHED).write_text("metrics.json\n")
-    dc.restore_records(args)
+    dc.restore_dcube_records(args)
     assert dc.run_arm(args, DATASET, 0, "t4_baseline") == (metrics, args.work / DATASET / "t4_baseline-s0")
     assert not (args.work / DATASET / "generator-plain-s0").exists()
 
@@ -99,7 +99,7 @@ def test_a_finished_generator_keeps_its_weights_and_a_new_work_folder_trains_on_
     monkeypatch.setattr(dc, "run_or_resume", lambda overrides, run_dir: asked.update(overrides=overrides) or
                         refuse_training())
     moved = bench_args("moved")
-    dc.restore_records(moved)
+    dc.restore_dcube_records(moved)
     own = moved.work / DATASET / "generator-lgen-s0"
     assert dc.generator_seconds(own) == 1234.5
     with pytest.raises(Trained):  # the arm trains (refused here) on the restored generator, not a new one

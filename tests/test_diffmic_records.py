@@ -53,7 +53,7 @@ def test_a_finished_run_keeps_its_prior_metrics_but_no_weights_and_is_read_back_
     shutil.rmtree(args.work)  # a new session: the work folder is gone, the committed records are not
     monkeypatch.undo()
     monkeypatch.setattr(dm, "trained_run", refuse)
-    dm.restore_records(args)
+    dm.restore_diffmic_records(args)
     again, _ = dm.run(args, "pneumoniamnist", "full", 8, 0)  # the real run_or_resume: finished, so read back
     assert again == metrics and dm.prior_alone(run_dir) == PRIOR
     assert dm.seeds_to_report(argparse.Namespace(**vars(args), seeds=[0, 1], finished_only=True),

@@ -41,11 +41,11 @@ def test_a_committed_row_is_read_back_without_pre_training_or_tuning(tmp_path, b
     write_run(records / "runs" / "dit_rep_probe-s0", weights=False)
     monkeypatch.setattr(pt, "pretrained", refuse_training)
     monkeypatch.setattr(pt, "run_or_resume", refuse_training)
-    pt.restore_records(records, work)
+    pt.restore_pretrain_records(records, work)
     with pytest.raises(Trained):  # a record cut short (no .finished) is not trusted: the row is tuned again
         pt.run("dit_rep_probe", Path("data.npz"), 0, budget, work)
     (records / "runs" / "dit_rep_probe-s0" / FINISHED).write_text("metrics.json\n")
-    pt.restore_records(records, work)
+    pt.restore_pretrain_records(records, work)
     result, run_dir = pt.run("dit_rep_probe", Path("data.npz"), 0, budget, work)
     assert run_dir == work / "runs" / "dit_rep_probe-s0"
     assert result["test"]["acc"] == json.loads((FINISHED_RUN / "metrics.json").read_text())["test"]["acc"]
@@ -106,6 +106,6 @@ def test_only_a_finished_pre_training_keeps_its_loss_log_and_it_is_not_put_back_
     pt.keep_records(work, records, [0])
     assert (records / "pretrain" / "representation-s0" / pt.LOSS_LOG).is_file()
     shutil.rmtree(work)
-    pt.restore_records(records, work)
+    pt.restore_pretrain_records(records, work)
     assert not (work / "pretrain").exists()
     assert pt.loss_curves(records, [0], tmp_path / "loss.png") == {"representation-s0": 1.0}

@@ -15,7 +15,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -143,6 +143,11 @@ def save_configs(run_dirs: Iterable[Path], out_dir: Path) -> None:
         atomic_write_bytes(dest / f"{run_dir.name}.yaml", (run_dir / CONFIG_FILE).read_bytes())
 
 
+RUN_RECORD = ("config.yaml", "metrics.json", "predictions.csv", "model/model.json")
+"""What every report reads of a finished run (``metrics.json`` present): no weights."""
+GENERATOR_DONE = "generator/model.json"
+GENERATOR_RECORD = ("config.yaml", GENERATOR_DONE, "generator/model.safetensors")
+"""A generator keeps its exported weights: the runs still to train read it, and training it again costs hours."""
 FINISHED = ".finished"
 """Written last into a record: a record without it was cut short and is copied again."""
 
@@ -168,3 +173,10 @@ def restore_record(record: Path, run_dir: Path, done: str) -> bool:
         return False
     shutil.copytree(record, run_dir, dirs_exist_ok=True)
     return True
+
+
+def restore_records(records: Path, work: Path, pattern: str, done: str | Callable[[Path], str]) -> None:
+    """Put each complete record matching ``pattern`` under ``records`` back at the same place under ``work``;
+    ``done`` names the file that marks it finished (or tells it from the record)."""
+    for record in sorted(p for p in records.glob(pattern) if p.is_dir()):
+        restore_record(record, work / record.relative_to(records), done(record) if callable(done) else done)
