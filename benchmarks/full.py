@@ -7,8 +7,8 @@ first seed's pictures; no classifier weights) and each generator stage's exporte
 kept under ``--out``/<dataset>, and the report is written there from the records. An empty work folder gets the
 records back, so the committed records carry a benchmark across machines and sessions: only the missing runs are
 trained. ``--finished-only`` trains nothing and reports, per dataset, the seeds whose runs of every method have
-finished (before any has, the first seed's finished runs, marked partial), so a partly done benchmark can be
-committed as it stands.
+finished (before any has, the largest complete grid of finished runs, marked partial), so a partly done benchmark can be
+committed as it stands. ``results.md`` covers all four datasets: one not passed is read from its committed report.
 
     python benchmarks/full.py --datasets pneumoniamnist --seeds 3            # train (or resume) and report
     python benchmarks/full.py --finished-only                                 # report what has finished
@@ -16,13 +16,14 @@ committed as it stands.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from diffmed.bench import GENERATOR_RECORD, RUN_RECORD, dataset_overrides, keep_record, markdown_table, restore_record
 from diffmed.benchmark import BUDGETS, data_overrides, write_report
-from diffmed.benchmark.arms import parse_methods, plan_jobs
+from diffmed.benchmark.arms import check_finished_runs, parse_methods, plan_jobs
 from diffmed.benchmark.report import seed_cell
-from diffmed.benchmark.runner import pending_jobs, run_jobs
+from diffmed.benchmark.runner import Job, pending_jobs, run_jobs
 
 DATASETS = ("pneumoniamnist", "pneumoniamnist_imbalanced", "retinamnist", "ham10000")
 PUBLISHED = {  # ../shared/data/README.md: MedMNIST v2 Table 3 ResNet-18 (28 px, 100 epochs), ACC / AUC
@@ -92,8 +93,32 @@ def report(plan: dict, work: Path, out: Path, methods: list[str]) -> dict | None
         return None
     runs = {m: [dest / d.parent.name / d.name for d in (plan["runs"][m][i] for i in seeds)] for m in shown}
     result, _, _ = write_report(dest, runs, "full", shown)
-    result["missing"] = [m for m in methods if m not in shown]
+    return with_missing(result, methods)
+
+
+def with_missing(result: dict, methods: list[str]) -> dict:
+    result["missing"] = [m for m in methods if m not in result["methods"]]
     return result
+
+
+def committed_results(out: Path, methods: list[str]) -> dict[str, dict]:
+    """The last committed report of each dataset, so that results.md always covers all four."""
+    found = {name: out / name / "benchmark.json" for name in DATASETS}
+    return {name: with_missing(json.loads(f.read_text()), methods) for name, f in found.items() if f.is_file()}
+
+
+def selected_jobs(plan: dict, methods: list[str]) -> list[Job]:
+    """The runs of ``methods`` and the stages they need, so ``--methods`` picks what to train while the report
+    still shows every method."""
+    by_name = {j.name: j for j in plan["jobs"]}
+    chosen = {d for m in methods for d in plan["runs"][m]}
+    todo, keep = [j for j in plan["jobs"] if j.out in chosen], set()
+    while todo:
+        job = todo.pop()
+        if job.name not in keep:
+            keep.add(job.name)
+            todo += [by_name[a] for a in job.after]
+    return [j for j in plan["jobs"] if j.name in keep]
 
 
 def differences(test: dict, metrics: tuple[str, ...] = ("f1_macro", "auc")) -> str:
@@ -132,31 +157,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     ap.add_argument("--seeds", type=int, default=BUDGETS["full"].seeds, help="seeds per method")
-    ap.add_argument("--methods", default="all")
+    ap.add_argument("--methods", default="all", help="the runs to train (with the stages they need); the report "
+                    "shows every finished method")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     ap.add_argument("--finished-only", action="store_true", help="train nothing; report the finished seeds")
     ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "full")
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "benchmark-full")
     args = ap.parse_args()
-    methods = parse_methods(args.methods)
-    results = {}
+    methods, every = parse_methods(args.methods), parse_methods("all")
+    results = committed_results(args.out, every)
     for name in args.datasets:
         work = args.work / name
         # the benchmark reads a HAM10000-style folder's columns itself
         data = data_overrides(dataset_overrides(name, args.data_dir)[0].split("=", 1)[1], [])
-        plan = plan_jobs(methods, data, list(range(args.seeds)), BUDGETS["full"], work)
+        plan = plan_jobs(every, data, list(range(args.seeds)), BUDGETS["full"], work)
         restore_records(plan, args.out / name)
+        check_finished_runs(plan["jobs"])
         if not args.finished_only:
-            run_jobs(plan["jobs"], workers=args.jobs)
-        result = report(plan, work, args.out, methods)
+            run_jobs(selected_jobs(plan, methods), workers=args.jobs)
+        result = report(plan, work, args.out, every)
         left = [j.name for j in pending_jobs(plan["jobs"])]
         print(f"{name}: {'nothing to report' if result is None else 'reported'}; to run: {', '.join(left) or 'nothing'}")
         if result is not None:
             results[name] = result
     if results:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.md").write_text(table(results))
+        (args.out / "results.md").write_text(table({n: results[n] for n in DATASETS if n in results}))
         print((args.out / "results.md").read_text())
 
 

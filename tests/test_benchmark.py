@@ -123,6 +123,35 @@ def test_stages_start_first_and_are_skipped_once_their_dependents_have_finished(
     assert (tmp_path / "generator").is_dir() and (tmp_path / "synthetic").is_dir() and (tmp_path / "rebalance").is_dir()
 
 
+def test_full_benchmark_methods_pick_the_runs_to_train_and_the_stages_they_need(tmp_path):
+    full = load_benchmark("full")
+    plan = plan_jobs(parse_methods("all"), [], [0, 1], BUDGETS["full"], tmp_path)
+    names = lambda methods: sorted(j.name for j in full.selected_jobs(plan, parse_methods(methods)))  # noqa: E731
+    assert names("baseline") == ["baseline-s0", "baseline-s1"]
+    assert names("dcube") == ["baseline-s0", "baseline-s1", "dcube-s0", "dcube-s1", "generator-s0", "generator-s1"]
+    assert "synthetic-s1" in names("diffusion_rebalance") and "synthetic-s0" not in names("dcube")
+
+
+def test_a_finished_run_left_by_other_settings_is_an_error_not_read_back(tmp_path):
+    from diffmed.benchmark.arms import check_finished_runs
+    from diffmed.config import load_config, save_config
+    from diffmed.errors import RunError
+
+    def plan(root, source):
+        return plan_jobs(["baseline"], [f"data.source={source}"], [0], BUDGETS["full"], root)
+
+    planned = plan(tmp_path / "here", "/here/data/x.npz")
+    run = tmp_path / "here" / "runs" / "baseline-s0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text("{}")
+    moved = plan(tmp_path / "there", "/there/data/x.npz")["jobs"][0].args[0]  # the same run, on another machine
+    save_config(load_config(None, moved), run / "config.yaml")
+    check_finished_runs(planned["jobs"])
+    save_config(load_config(None, [*moved, "train.max_epochs=2"]), run / "config.yaml")
+    with pytest.raises(RunError, match=r"baseline-s0.*train.max_epochs: 2 -> 8"):
+        check_finished_runs(planned["jobs"])
+
+
 def test_a_generator_record_keeps_its_weights_so_dcube_needs_no_new_generator(tmp_path):
     full = load_benchmark("full")
     plan = plan_jobs(parse_methods("dcube"), [], [0], BUDGETS["full"], tmp_path / "work")

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import load_benchmark
 from diffmed.bench import FINISHED
+from diffmed.config import load_config, save_config
 
 dm = load_benchmark("diffmic")
 FINISHED_RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "full" / "pneumoniamnist" / "runs" / "baseline-s0"
@@ -32,9 +33,10 @@ def args(tmp_path):
 
 
 def fake_training(overrides, run_dir):
-    for f in ("config.yaml", "metrics.json", "predictions.csv", "model/model.json"):
+    for f in ("metrics.json", "predictions.csv", "model/model.json"):
         (run_dir / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(FINISHED_RUN / f, run_dir / f)
+    save_config(load_config(None, overrides), run_dir / "config.yaml")  # what is read back must match the plan
     (run_dir / "model" / "model.safetensors").write_bytes(b"weights")
     (run_dir / "last.ckpt").write_bytes(b"checkpoint")
     return json.loads((run_dir / "metrics.json").read_text())

@@ -19,11 +19,12 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from diffmed.config import RunConfig, load_config
+from diffmed.config import RunConfig, config_changes, load_config
 from diffmed.engine.checkpoint import atomic_write_bytes, atomic_write_json
 from diffmed.engine.evaluate import HEADLINE
 from diffmed.engine.data import PreparedData, prepare_data
 from diffmed.engine.run import CONFIG_FILE, load_trained, train
+from diffmed.errors import RunError
 
 log = logging.getLogger("diffmed.bench")
 HAM10000 = ["data.label_columns=[dx]", "data.group_column=lesion_id", "data.image_size=64"]
@@ -53,15 +54,26 @@ def run_or_resume(cfg: RunConfig | list[str], run_dir: Path) -> dict:
     """
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.json"
+    if isinstance(cfg, list):
+        cfg = load_config(None, overrides=cfg)
     with exclusive(run_dir):
+        check_same_settings(run_dir, cfg)
         if not metrics.is_file():
-            if isinstance(cfg, list):
-                cfg = load_config(None, overrides=cfg)
             resume = (run_dir / CONFIG_FILE).is_file()
             log.warning("%s %s", "resuming" if resume else "training", run_dir)
             os.environ.pop("DIFFMED_RUN_DIR", None)
             train(cfg, run_dir, resume=resume)
     return json.loads(metrics.read_text())
+
+
+def check_same_settings(run_dir: Path, cfg: RunConfig) -> None:
+    """A run folder (or record) left by other settings is an error, never silently read back as this run."""
+    saved = run_dir / CONFIG_FILE
+    changes = config_changes(load_config(saved), cfg) if saved.is_file() else []
+    if changes:
+        raise RunError(f"'{run_dir}' holds a run with other settings than this benchmark asks for "
+                       f"({'; '.join(changes)}); delete that folder (and its record, if one was restored from "
+                       "committed results) to train it again, or pass another --out/--work")
 
 
 def trained_run(run_dir: Path) -> tuple:

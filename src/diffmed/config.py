@@ -157,3 +157,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
 
 def save_config(cfg: RunConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    if isinstance(tree, list):
+        return {prefix[:-1]: [_portable(v) for v in tree]}
+    return {prefix[:-1]: _portable(tree)}
+
+
+def _portable(value: Any) -> Any:
+    """A path by its last two parts: a run folder moved to another machine or folder still matches."""
+    return "/".join(Path(value).parts[-2:]) if isinstance(value, str) and "/" in value else value
+
+
+def config_changes(saved: RunConfig, planned: RunConfig) -> list[str]:
+    """The settings in which ``planned`` differs from ``saved``, as ``key: saved -> planned``."""
+    old, new = _flat(saved.model_dump(mode="json")), _flat(planned.model_dump(mode="json"))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffmed.benchmark.arms import ARMS, BUDGETS, parse_methods, plan_jobs
+from diffmed.benchmark.arms import ARMS, BUDGETS, check_finished_runs, parse_methods, plan_jobs
 from diffmed.benchmark.report import collect, write_benchmark_report
 from diffmed.benchmark.runner import run_jobs
 from diffmed.errors import ConfigError
@@ -27,6 +27,7 @@ def run_benchmark(data: str, out: Path, methods: str = "all", seeds: int | None 
     b = BUDGETS[budget]
     names = parse_methods(methods)
     plan = plan_jobs(names, data_overrides(data, overrides), list(range(seeds or b.seeds)), b, Path(out))
+    check_finished_runs(plan["jobs"])
     run_jobs(plan["jobs"], workers=workers, gpus=gpus)
     _, md, html = write_report(Path(out), plan["runs"], budget, names)
     return md, html

@@ -134,6 +134,17 @@ def plan_jobs(methods: list[str], data: list[str], seeds: list[int], budget: Bud
     return {"jobs": jobs, "runs": runs}
 
 
+def check_finished_runs(jobs: list[Job]) -> None:
+    """Finished runs (restored records too) must have been trained with the settings planned now: a table never
+    mixes in a run left by another budget or code version."""
+    from diffmed.bench import check_same_settings
+    from diffmed.config import load_config
+
+    for job in jobs:
+        if job.fn is train_arm and job.finished:
+            check_same_settings(job.out, load_config(None, job.args[0]))
+
+
 # --- job functions (top level, so worker processes can import them) ---------------------------------
 def train_arm(overrides: list[str], run_dir: Path) -> None:
     from diffmed.bench import run_or_resume
