@@ -36,9 +36,9 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from diffmed.bench import (GENERATOR_DONE, GENERATOR_RECORD, RUN_RECORD, cost_ratio, dataset_overrides, fmt,
-                           keep_record, markdown_table, paired, per_seed_ci, pvalue_cells, restore_records,
-                           run_or_resume, summarize, write_results)
+from diffmed.bench import (GENERATOR_DONE, GENERATOR_RECORD, RUN_RECORD, check_same_settings, cost_ratio,
+                           dataset_overrides, fmt, keep_record, markdown_table, paired, per_seed_ci, pvalue_cells,
+                           restore_records, run_or_resume, summarize, write_results)
 from diffmed.config import load_config
 from diffmed.diffusion.generative import train_generator
 from diffmed.methods.dcube import TABLE_IV, TABLE_VI, TABLE_VII, read_selection
@@ -175,14 +175,17 @@ def generator_dir(args: argparse.Namespace, dataset: str, seed: int, variant: st
 def run_arm(args: argparse.Namespace, dataset: str, seed: int, arm: str) -> tuple[dict, Path]:
     """The arm's metrics on this seed: read back when finished (its generator is not needed), else trained."""
     run_dir = args.work / dataset / f"{arm}-s{seed}"
-    if not (run_dir / RUN_DONE).is_file():
+    if (run_dir / RUN_DONE).is_file():
+        check_same_settings(run_dir, load_config(None, arm_overrides(args, dataset, seed, arm, build=False)))
+    else:
         run_or_resume(arm_overrides(args, dataset, seed, arm), run_dir)
     keep(args, run_dir, run_record(arm, seed), RUN_DONE)
     return json.loads((run_dir / RUN_DONE).read_text()), run_dir
 
 
-def arm_overrides(args: argparse.Namespace, dataset: str, seed: int, arm: str) -> list[str]:
-    """The arm's config overrides; a D-Cube arm's point at its generator, trained first if need be."""
+def arm_overrides(args: argparse.Namespace, dataset: str, seed: int, arm: str, build: bool = True) -> list[str]:
+    """The arm's config overrides; a D-Cube arm's point at its generator, trained first if need be (``build``;
+    else only its folder, to check a finished run's settings)."""
     overrides = classifier_overrides(args, dataset, seed)
     if arm == "baseline":
         overrides += ["method.name=baseline", "method.params.backbone=resnet18"]
@@ -192,7 +195,7 @@ def arm_overrides(args: argparse.Namespace, dataset: str, seed: int, arm: str) -
                       *(f"method.params.{kv}" for kv in args.diffmic_params)]
     else:
         variant, options = ARMS[arm]
-        gen = generator(args, dataset, seed, variant)
+        gen = generator(args, dataset, seed, variant) if build else generator_dir(args, dataset, seed, variant)
         overrides += ["method.name=dcube", *flat_params(dcube_params(args, options, gen))]
     return overrides
 

@@ -50,8 +50,9 @@ import torch
 from diffmed.augment import (MANIFEST, STRATEGIES, AugmentPlan, ManifestProducer, MixedProducer, TraditionalProducer,
                              plan_from_sources, plan_strategy, read_manifest, select_misclassified, write_manifest)
 from diffmed.bench import GENERATOR_RECORD as BASE_GENERATOR_RECORD, RUN_RECORD as BASE_RUN_RECORD
-from diffmed.bench import (GENERATOR_DONE, dataset_overrides, fmt, keep_record, markdown_table, per_seed_ci,
-                           record_complete, restore_records, run_or_resume, save_configs, summarize, write_results)
+from diffmed.bench import (GENERATOR_DONE, check_same_settings, dataset_overrides, fmt, keep_record, markdown_table,
+                           per_seed_ci, record_complete, restore_records, run_or_resume, save_configs, summarize,
+                           write_results)
 from diffmed.config import DataConfig, load_config
 from diffmed.data import load_source
 from diffmed.data.types import LabelledSet
@@ -207,20 +208,29 @@ class Bench:
     def run_arm(self, arm: Arm, seed: int) -> dict:
         """The arm's metrics on this seed: read back when finished (no manifest or pool is made), else trained."""
         run_dir = self.run_dir(arm.name, seed)
-        if not (run_dir / "metrics.json").is_file():
-            overrides = self.classifier_overrides(seed) + list(arm.method) + list(arm.overrides)
-            if arm.group == "f":
-                overrides.append(f"method.params.generator_run={self.generator(seed)}")
-            manifest = self.augmented_manifest(arm, seed) if arm.strategy is not None else None
-            if manifest is not None:
-                overrides.append(f"data.synthetic=[{manifest}]")
-            run_or_resume(overrides, run_dir)
+        if (run_dir / "metrics.json").is_file():
+            check_same_settings(run_dir, load_config(None, self.arm_overrides(arm, seed, build=False)))
+        else:
+            run_or_resume(self.arm_overrides(arm, seed), run_dir)
+            manifest = self.manifest_dir(arm, seed) / MANIFEST if arm.strategy is not None else None
             atomic_write_json(run_dir / SYNTHETIC_COUNT,
                               {"images": sum(1 for _ in manifest.open()) - 1 if manifest else 0})
             if arm.name == "none":  # the record keeps no weights, so select while they are here
                 self.candidates(seed)
         self.keep(run_dir, DCUBE_RECORD if arm.group == "f" else RUN_RECORD, "metrics.json")
         return json.loads((run_dir / "metrics.json").read_text())
+
+    def arm_overrides(self, arm: Arm, seed: int, build: bool = True) -> list[str]:
+        """The arm's config; ``build`` trains its generator and writes its manifest first if need be (else only
+        their paths, to check a finished run's settings)."""
+        overrides = self.classifier_overrides(seed) + list(arm.method) + list(arm.overrides)
+        if arm.group == "f":
+            generator = self.generator(seed) if build else self.generator_dir(seed)
+            overrides.append(f"method.params.generator_run={generator}")
+        if arm.strategy is not None:
+            manifest = self.augmented_manifest(arm, seed) if build else self.manifest_dir(arm, seed) / MANIFEST
+            overrides.append(f"data.synthetic=[{manifest}]")
+        return overrides
 
     # --- offline augmentation ----------------------------------------------------------------------
     def candidates(self, seed: int) -> np.ndarray:
@@ -242,8 +252,11 @@ class Bench:
         cands = self.candidates(seed) if strategy == "misclassified" else None
         return plan_strategy(self.train, strategy, seed=seed, candidates=cands)
 
+    def manifest_dir(self, arm: Arm, seed: int) -> Path:
+        return self.args.work / "aug" / f"{arm.producer}-{arm.strategy}-s{seed}"
+
     def augmented_manifest(self, arm: Arm, seed: int) -> Path:
-        out = self.args.work / "aug" / f"{arm.producer}-{arm.strategy}-s{seed}"
+        out = self.manifest_dir(arm, seed)
         if not (out / MANIFEST).is_file():
             plan = self.plan(arm.strategy, seed)
             producer = {"traditional": lambda: TraditionalProducer(),

@@ -7,6 +7,8 @@ import pytest
 
 from conftest import load_benchmark
 from diffmed.bench import FINISHED
+from diffmed.config import load_config, save_config
+from diffmed.errors import RunError
 
 dc = load_benchmark("dcube")
 DATASET = "pneumoniamnist"
@@ -51,7 +53,9 @@ def test_a_committed_arm_is_read_back_without_training_it_or_its_generator(bench
     args = bench_args()
     record = args.out / "records" / DATASET / "t4_baseline-s0"  # the arm of the "plain" generator
     metrics = {"test": {"acc": 0.9}}
-    write_files(record, ["config.yaml", "predictions.csv", "model/model.json"])
+    write_files(record, ["predictions.csv", "model/model.json"])
+    planned = dc.arm_overrides(args, DATASET, 0, "t4_baseline", build=False)
+    save_config(load_config(None, planned), record / "config.yaml")
     (record / "metrics.json").write_text(json.dumps(metrics))
     monkeypatch.setattr(dc, "run_or_resume", refuse_training)
     monkeypatch.setattr(dc, "train_generator", refuse_training)
@@ -62,6 +66,10 @@ def test_a_committed_arm_is_read_back_without_training_it_or_its_generator(bench
     dc.restore_dcube_records(args)
     assert dc.run_arm(args, DATASET, 0, "t4_baseline") == (metrics, args.work / DATASET / "t4_baseline-s0")
     assert not (args.work / DATASET / "generator-plain-s0").exists()
+    stale = args.work / DATASET / "t4_baseline-s0" / "config.yaml"
+    save_config(load_config(None, [*planned, "train.max_epochs=3"]), stale)
+    with pytest.raises(RunError, match="train.max_epochs: 3 -> "):  # a run left by other settings is not read back
+        dc.run_arm(args, DATASET, 0, "t4_baseline")
 
 
 def test_a_finished_arm_keeps_what_the_report_reads_but_no_weights(bench_args, monkeypatch):

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import load_benchmark, slice_npz
 from diffmed.bench import FINISHED
+from diffmed.config import load_config, save_config
+from diffmed.errors import RunError
 
 rb = load_benchmark("rebalance")
 
@@ -52,6 +54,12 @@ def test_a_committed_arm_is_read_back_without_training_it_or_sampling_its_images
     monkeypatch.setattr(bench, "augmented_manifest", refuse_training)
     assert bench.run_arm(rb.ARMS["diff-balanced"], 0) == metrics
     assert rb._synthetic_count(bench, rb.ARMS["diff-balanced"], 0) == 3106
+    planned = bench.arm_overrides(rb.ARMS["diff-balanced"], 0, build=False)
+    save_config(load_config(None, planned), bench.run_dir("diff-balanced", 0) / "config.yaml")
+    assert bench.run_arm(rb.ARMS["diff-balanced"], 0) == metrics
+    save_config(load_config(None, [*planned, "train.max_epochs=3"]), bench.run_dir("diff-balanced", 0) / "config.yaml")
+    with pytest.raises(RunError, match="train.max_epochs: 3 -> "):  # a run left by other settings is not read back
+        bench.run_arm(rb.ARMS["diff-balanced"], 0)
 
 
 def test_a_finished_arm_keeps_what_the_report_reads_but_no_weights(bench_args, monkeypatch):
@@ -70,7 +78,6 @@ def test_a_finished_arm_keeps_what_the_report_reads_but_no_weights(bench_args, m
 
 
 def test_a_full_benchmark_generator_is_reused_only_when_trained_as_this_one_would_be(bench_args, monkeypatch):
-    from diffmed.config import save_config
     from diffmed.diffusion import generative
 
     asked = {}

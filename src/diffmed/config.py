@@ -175,4 +175,5 @@ def _portable(value: Any) -> Any:
 def config_changes(saved: RunConfig, planned: RunConfig) -> list[str]:
     """The settings in which ``planned`` differs from ``saved``, as ``key: saved -> planned``."""
     old, new = _flat(saved.model_dump(mode="json")), _flat(planned.model_dump(mode="json"))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    keys = sorted(old.keys() | new.keys())
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
