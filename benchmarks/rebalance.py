@@ -70,8 +70,6 @@ RUN_RECORD = (*BASE_RUN_RECORD, SYNTHETIC_COUNT)
 DCUBE_RECORD = (*RUN_RECORD, "stages/dcube_selection.json", "stages/gaussianity/gaussianity.png")
 GENERATOR_RECORD = (*BASE_GENERATOR_RECORD, "bench_cost.json")
 """The tiny generator's weights are 2.9 MB; training one again costs 30-40 minutes on a CPU core."""
-SAMPLING_PARAMS = ("sample_every_n_epochs", "sample_per_class", "sample_steps", "sample_seed")
-"""Generator params that only shape the sample grids logged in training, not the weights."""
 
 
 @dataclass(frozen=True)
@@ -306,15 +304,14 @@ class Bench:
 
     def reuse_generator(self, seed: int, cfg, params: dict, run_dir: Path) -> bool:
         """Copy ``--generators-from``/generator-s<seed> into ``run_dir`` if it was trained as this one would be."""
-        from diffmed.diffusion.generative import GENERATOR_DIR, parse_params
+        from diffmed.diffusion.generative import GENERATOR_DIR, generator_param_changes
 
         source = self.args.generators_from and self.args.generators_from / f"generator-s{seed}"
         if not source or not record_complete(source, GENERATOR_DONE):
             return False
         meta = json.loads((source / GENERATOR_DIR / "model.json").read_text())
         theirs = load_config(source / CONFIG_FILE)
-        ours = {k: v for k, v in parse_params(params).model_dump().items() if k not in SAMPLING_PARAMS}
-        same = ({k: meta["params"].get(k) for k in ours} == ours and meta["seed"] == seed
+        same = (not generator_param_changes(source, params) and meta["seed"] == seed
                 and _same_data(theirs.data, cfg.data) and theirs.train.batch_size == cfg.train.batch_size)
         if not same:
             log.warning("%s was trained otherwise than this benchmark's generator; training seed %d's", source, seed)

@@ -152,6 +152,25 @@ def test_a_finished_run_left_by_other_settings_is_an_error_not_read_back(tmp_pat
         check_finished_runs(planned["jobs"])
 
 
+def test_a_finished_generator_trained_with_other_options_is_an_error(tmp_path):
+    from diffmed.benchmark.arms import check_finished_runs
+    from diffmed.config import load_config, save_config
+    from diffmed.diffusion.generative import parse_params
+    from diffmed.errors import RunError
+
+    jobs = plan_jobs(["dcube"], ["data.source=/here/data/x.npz"], [0], BUDGETS["full"], tmp_path)["jobs"]
+    gen = next(j for j in jobs if j.name == "generator-s0")
+    (gen.out / "generator").mkdir(parents=True)
+    (gen.out / "generator" / "model.safetensors").write_bytes(b"weights")
+    save_config(load_config(None, gen.args[0]), gen.out / "config.yaml")
+    trained = parse_params({**BUDGETS["full"].generator, "sample_every_n_epochs": 3}).model_dump()  # grids only
+    (gen.out / "generator" / "model.json").write_text(json.dumps({"params": trained}))
+    check_finished_runs(jobs)
+    (gen.out / "generator" / "model.json").write_text(json.dumps({"params": {**trained, "lr": 1e-3}}))
+    with pytest.raises(RunError, match=r"generator-s0.*generator lr: 0.001 -> 0.0005"):
+        check_finished_runs(jobs)
+
+
 def test_a_generator_record_keeps_its_weights_so_dcube_needs_no_new_generator(tmp_path):
     full = load_benchmark("full")
     plan = plan_jobs(parse_methods("dcube"), [], [0], BUDGETS["full"], tmp_path / "work")

@@ -66,10 +66,15 @@ def run_or_resume(cfg: RunConfig | list[str], run_dir: Path) -> dict:
     return json.loads(metrics.read_text())
 
 
-def check_same_settings(run_dir: Path, cfg: RunConfig) -> None:
-    """A run folder (or record) left by other settings is an error, never silently read back as this run."""
+def check_same_settings(run_dir: Path, cfg: RunConfig, generator_params: dict | None = None) -> None:
+    """A run folder (or record) left by other settings is an error, never silently read back as this run;
+    ``generator_params``: it holds a generator, trained with these options."""
+    from diffmed.diffusion.generative import generator_param_changes
+
     saved = run_dir / CONFIG_FILE
     changes = config_changes(load_config(saved), cfg) if saved.is_file() else []
+    if generator_params is not None:
+        changes += generator_param_changes(run_dir, generator_params)
     if changes:
         raise RunError(f"'{run_dir}' holds a run with other settings than this benchmark asks for "
                        f"({'; '.join(changes)}); delete that folder (and its record, if one was restored from "

@@ -135,14 +135,16 @@ def plan_jobs(methods: list[str], data: list[str], seeds: list[int], budget: Bud
 
 
 def check_finished_runs(jobs: list[Job]) -> None:
-    """Finished runs (restored records too) must have been trained with the settings planned now: a table never
-    mixes in a run left by another budget or code version."""
+    """Finished runs and generators (restored records too) must have been trained with the settings planned now:
+    a table never mixes in a run left by another budget or code version."""
     from diffmed.bench import check_same_settings
     from diffmed.config import load_config
 
-    for job in jobs:
-        if job.fn is train_arm and job.finished:
+    for job in (j for j in jobs if j.finished):
+        if job.fn is train_arm:
             check_same_settings(job.out, load_config(None, job.args[0]))
+        elif job.fn is train_generator_stage:
+            check_same_settings(job.out, load_config(None, job.args[0]), generator_params=job.args[2])
 
 
 # --- job functions (top level, so worker processes can import them) ---------------------------------

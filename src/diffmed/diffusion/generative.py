@@ -102,6 +102,18 @@ def parse_params(params: dict | GenerativeParams) -> GenerativeParams:
         raise ConfigError("invalid generator parameters:\n" + "\n".join(lines)) from None
 
 
+SAMPLING_PARAMS = ("sample_every_n_epochs", "sample_per_class", "sample_steps", "sample_seed")
+"""Generator params that only shape the sample grids logged in training, not the weights."""
+
+
+def generator_param_changes(path: Path, params: dict | GenerativeParams) -> list[str]:
+    """The options (sample grids aside) in which ``params`` differ from those the generator of ``path`` was
+    trained with, as ``key: trained -> asked``."""
+    theirs = read_generator_meta(path)["params"]
+    ours = {k: v for k, v in parse_params(params).model_dump().items() if k not in SAMPLING_PARAMS}
+    return [f"generator {k}: {theirs.get(k)!r} -> {v!r}" for k, v in ours.items() if theirs.get(k) != v]
+
+
 def contrastive_loss(f1: torch.Tensor, f2: torch.Tensor, same: torch.Tensor,
                      margin: float) -> tuple[torch.Tensor, torch.Tensor]:
     """D-Cube's Eq. 4 on L2-normalised features, averaged over pairs.
