@@ -78,7 +78,7 @@ def check_same_settings(run_dir: Path, cfg: RunConfig, generator_params: dict | 
     if changes:
         raise RunError(f"'{run_dir}' holds a run with other settings than this benchmark asks for "
                        f"({'; '.join(changes)}); delete that folder (and its record, if one was restored from "
-                       "committed results) to train it again, or pass another --out/--work")
+                       "committed results) to train it again, or write this benchmark to another folder")
 
 
 def trained_run(run_dir: Path) -> tuple:
