@@ -71,8 +71,6 @@ DCUBE_RECORD = (*RUN_RECORD, "stages/dcube_selection.json")
 """A D-Cube run adds the KS selection that Table VI reads."""
 FIG2_RECORD = tuple(f"stages/gaussianity/{name}" for name in ("gaussianity.png", "gaussianity.md", "selection.json"))
 """Fig. 2 reads the Gaussianity analysis of the first seed's run only."""
-DCUBE_GENERATOR_RECORD = (*GENERATOR_RECORD, "splits.json")
-"""D-Cube's stage reads the generator's splits.json to check it never saw the arm's validation or test images."""
 
 
 # ------------------------------------------------------------------ overrides
@@ -150,7 +148,7 @@ def generator(args: argparse.Namespace, dataset: str, seed: int, variant: str) -
         os.environ.pop("DIFFMED_RUN_DIR", None)
         cfg = None if resume else load_config(None, data_overrides(args, dataset, seed, args.gen_epochs))
         train_generator(cfg, run_dir, None if resume else generator_params(args, variant), resume=resume)
-    keep(args, run_dir, DCUBE_GENERATOR_RECORD, GENERATOR_DONE)
+    keep(args, run_dir, GENERATOR_RECORD, GENERATOR_DONE)
     return run_dir
 
 

@@ -22,8 +22,9 @@ from pathlib import Path
 from diffmed.bench import GENERATOR_RECORD, RUN_RECORD, dataset_overrides, keep_record, markdown_table, restore_record
 from diffmed.benchmark import BUDGETS, data_overrides, write_report
 from diffmed.benchmark.arms import check_finished_runs, parse_methods, plan_jobs
-from diffmed.benchmark.report import seed_cell
+from diffmed.benchmark.report import collect, seed_cell
 from diffmed.benchmark.runner import Job, pending_jobs, run_jobs
+from diffmed.engine.checkpoint import atomic_write_json
 
 DATASETS = ("pneumoniamnist", "pneumoniamnist_imbalanced", "retinamnist", "ham10000")
 PUBLISHED = {  # ../shared/data/README.md: MedMNIST v2 Table 3 ResNet-18 (28 px, 100 epochs), ACC / AUC
@@ -35,6 +36,10 @@ PUBLISHED = {  # ../shared/data/README.md: MedMNIST v2 Table 3 ResNet-18 (28 px,
     "ham10000": "no published numbers at 64 px (the DiffMIC papers report 224 px with pretrained encoders)",
 }
 SHOWN = ("acc", "balanced_acc", "f1_macro", "auc")
+BALANCE_TO = {"ham10000": 0.25}
+"""Datasets whose synthetic images fill each class to a smaller share of the largest than the budget's. HAM10000's
+nv class is 72 % of the images: filling the six others to it would take about 26k images per seed (3.5 h of
+sampling and 3 h of training on one core), five times the real training set."""
 
 
 PICTURES = ("plots/*.png", "**/gaussianity.png", "**/*trajectory*.png", "**/*gradcam*.png", "**/samples/*.png")
@@ -57,31 +62,48 @@ def keep_records(plan: dict, records: Path) -> None:
     for job in plan["jobs"]:
         patterns = _record_patterns(job)
         if patterns and job.finished:
-            keep_record(job.out, records / job.out.parent.name / job.out.name, patterns, job.done)
+            keep_record(job.out, in_records(records, job.out), patterns, job.done)
 
 
 def restore_records(plan: dict, records: Path) -> None:
     """Put the committed records of finished jobs into the work folder, where the benchmark reads them back."""
     for job in plan["jobs"]:
         if not job.finished:
-            restore_record(records / job.out.parent.name / job.out.name, job.out, job.done)
+            restore_record(in_records(records, job.out), job.out, job.done)
 
 
 def reported(plan: dict) -> tuple[list[int], list[str]]:
-    """Seeds and methods to report: the seeds on which every method has finished, or, before any has, the
-    largest complete grid of finished runs (first seeds x the methods finished on all of them, the baseline
-    among them; more runs first, then more methods). The table names the missing methods."""
+    """Seeds and methods to report: the complete grid of finished runs with the most runs (seeds x methods, the
+    baseline among them; more methods on a tie), either every method on the seeds where all have finished or the
+    first n seeds with the methods finished on all of them. The table names the missing methods and shows each on
+    the seeds it has (``unfinished_rows``)."""
     done = {job.out for job in plan["jobs"] if job.finished}
     runs = plan["runs"]
-    seeds = [i for i in range(len(runs["baseline"])) if all(dirs[i] in done for dirs in runs.values())]
-    if seeds:
-        return seeds, list(runs)
-    grids = []
-    for n in range(1, len(runs["baseline"]) + 1):
+    n_seeds = len(runs["baseline"])
+    complete = [i for i in range(n_seeds) if all(dirs[i] in done for dirs in runs.values())]
+    grids = [(len(complete) * len(runs), len(runs), complete, list(runs))] if complete else []
+    for n in range(1, n_seeds + 1):
         methods = [m for m, dirs in runs.items() if all(d in done for d in dirs[:n])]
         if "baseline" in methods:
             grids.append((n * len(methods), len(methods), list(range(n)), methods))
     return max(grids)[2:] if grids else ([], [])
+
+
+def in_records(dest: Path, run_dir: Path) -> Path:
+    """Where a work folder's run is kept among a dataset's records."""
+    return dest / run_dir.parent.name / run_dir.name
+
+
+def unfinished_rows(plan: dict, dest: Path, shown: list[str]) -> dict[str, dict]:
+    """Each method left out of the table, over the seeds it has finished, against the baseline of those seeds."""
+    done = {job.out for job in plan["jobs"] if job.finished}
+    base, rows = plan["runs"]["baseline"], {}
+    for m, dirs in plan["runs"].items():
+        seeds = [i for i, d in enumerate(dirs) if m not in shown and d in done and base[i] in done]
+        if seeds:
+            runs = {k: [in_records(dest, plan["runs"][k][i]) for i in seeds] for k in ("baseline", m)}
+            rows[m] = {"seeds": seeds, **collect(runs, n_boot=1000)["methods"][m]}
+    return rows
 
 
 def report(plan: dict, work: Path, out: Path, methods: list[str]) -> dict | None:
@@ -91,8 +113,10 @@ def report(plan: dict, work: Path, out: Path, methods: list[str]) -> dict | None
     seeds, shown = reported(plan)
     if not seeds:
         return None
-    runs = {m: [dest / d.parent.name / d.name for d in (plan["runs"][m][i] for i in seeds)] for m in shown}
+    runs = {m: [in_records(dest, plan["runs"][m][i]) for i in seeds] for m in shown}
     result, _, _ = write_report(dest, runs, "full", shown)
+    result["unfinished"] = unfinished_rows(plan, dest, shown)
+    atomic_write_json(dest / "benchmark.json", result)
     return with_missing(result, methods)
 
 
@@ -129,10 +153,16 @@ def vs_baseline(entry: dict) -> str:
     return differences(entry["vs_baseline"]) if "vs_baseline" in entry else "—"
 
 
+def row_cells(entry: dict, shown: list[str]) -> list[str]:
+    return [*(seed_cell(entry["metrics"][k]) for k in shown), vs_baseline(entry),
+            f"{entry['cost']['infer_seconds_per_image'] * 1e3:.1f}", f"{entry['cost']['train_seconds']:.0f}"]
+
+
 def table(results: dict[str, dict]) -> str:
     b = BUDGETS["full"]
     parts = [f"Budget `full`: classifier epochs {b.epochs}, generator {b.generator}, {b.generate_steps} sampling "
-             f"steps, synthetic images fill every class to {b.balance_to:g} x the largest, method settings "
+             f"steps, synthetic images fill every class to {b.balance_to:g} x the largest "
+             f"({', '.join(f'{n}: {v:g} x' for n, v in BALANCE_TO.items())}), method settings "
              f"{b.method_params}; test split, each cell mean ± std over seeds [95% bootstrap CI of the seed mean]; "
              "model chosen on validation only. \"vs baseline\" is the seed-mean difference to the baseline with its "
              "paired bootstrap p-value (a line \"A vs B\" under a table: A's paired difference to B); \"train s\" "
@@ -141,13 +171,18 @@ def table(results: dict[str, dict]) -> str:
     for name, result in results.items():
         parts.append(f"## {name} (seeds {result['seeds']})\n\nPublished: {PUBLISHED[name]}.\n")
         if result["missing"]:
-            parts.append(f"Partial: no seed has every method yet; the methods finished on seeds {result['seeds']}, "
-                         f"without {', '.join(result['missing'])} (not finished on all of them yet).\n")
+            parts.append(f"Partial: the largest complete grid of finished runs, the methods finished on seeds "
+                         f"{result['seeds']}, without {', '.join(result['missing'])} (not finished on all of them yet)."
+                         "\n")
         shown = [*SHOWN, *(k for k in ("kappa_quadratic",) if k in result["methods"]["baseline"]["metrics"])]
-        rows = [[m, *(seed_cell(e["metrics"][k]) for k in shown), vs_baseline(e),
-                 f"{e['cost']['infer_seconds_per_image'] * 1e3:.1f}", f"{e['cost']['train_seconds']:.0f}"]
-                for m, e in result["methods"].items()]
-        parts.append(markdown_table(["method", *shown, "vs baseline", "ms / test image", "train s"], rows))
+        header = [*shown, "vs baseline", "ms / test image", "train s"]
+        rows = [[m, *row_cells(e, shown)] for m, e in result["methods"].items()]
+        parts.append(markdown_table(["method", *header], rows))
+        if result.get("unfinished"):
+            parts.append("Not finished on those seeds yet, each on the seeds it has (vs baseline: the baseline's runs "
+                         "of the same seeds):\n")
+            rows = [[m, str(e["seeds"]), *row_cells(e, shown)] for m, e in result["unfinished"].items()]
+            parts.append(markdown_table(["method", "seeds", *header], rows))
         parts += [f"{pair}: {differences(test, ('balanced_acc', 'f1_macro', 'auc'))}.\n"
                   for pair, test in result.get("contrasts", {}).items()]
     return "\n".join(parts)
@@ -171,7 +206,7 @@ def main() -> None:
         work = args.work / name
         # the benchmark reads a HAM10000-style folder's columns itself
         data = data_overrides(dataset_overrides(name, args.data_dir)[0].split("=", 1)[1], [])
-        plan = plan_jobs(every, data, list(range(args.seeds)), BUDGETS["full"], work)
+        plan = plan_jobs(every, data, list(range(args.seeds)), BUDGETS["full"], work, BALANCE_TO.get(name))
         restore_records(plan, args.out / name)
         check_finished_runs(plan["jobs"])
         if not args.finished_only:

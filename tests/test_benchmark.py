@@ -302,3 +302,43 @@ def test_a_partial_report_shows_the_largest_complete_grid_of_finished_runs(tmp_p
         [0, 1], ["baseline", "class_weighted", "diffmic_v2"])  # 3 methods x 2 seeds beat 1 x 3
     assert full.reported(plan(baseline=3, class_weighted=3, diffmic_v2=3, dcube=3))[0] == [0, 1, 2]
     assert full.reported(plan(class_weighted=3, diffmic_v2=3)) == ([], [])  # never without the baseline
+    # seed 0 of every method (4 runs) is a smaller grid than 2 methods x 3 seeds; the rest shows as unfinished rows
+    assert full.reported(plan(baseline=3, class_weighted=3, diffmic_v2=1, dcube=1)) == (
+        [0, 1, 2], ["baseline", "class_weighted"])
+    assert full.reported(plan(baseline=1, class_weighted=1, diffmic_v2=1, dcube=1)) == (
+        [0], ["baseline", "class_weighted", "diffmic_v2", "dcube"])
+
+
+def test_methods_left_out_of_a_partial_table_show_on_the_seeds_they_have(tmp_path):
+    """On the committed PneumoniaMNIST records: dcube finished on seed 0 only, next to a two-seed table."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    full = load_benchmark("full")
+    records = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "full" / "pneumoniamnist"
+    runs = {m: [tmp_path / "runs" / f"{m}-s{i}" for i in range(2)] for m in ("baseline", "class_weighted", "dcube")}
+    finished = {"baseline": 2, "class_weighted": 2, "dcube": 1}
+    plan = {"runs": runs, "jobs": [SimpleNamespace(out=d, finished=i < finished[m])
+                                   for m, dirs in runs.items() for i, d in enumerate(dirs)]}
+    seeds, shown = full.reported(plan)
+    assert (seeds, shown) == ([0, 1], ["baseline", "class_weighted"])
+    rows = full.unfinished_rows(plan, records, shown)
+    assert list(rows) == ["dcube"] and rows["dcube"]["seeds"] == [0]
+    seed0 = json.loads((records / "runs" / "dcube-s0" / "metrics.json").read_text())["test"]
+    assert rows["dcube"]["metrics"]["f1_macro"]["mean"] == pytest.approx(seed0["f1_macro"])
+    assert len(rows["dcube"]["vs_baseline"]["mcnemar_p"]) == 1  # paired with the baseline's seed 0 only
+    markdown = full.table({"pneumoniamnist": {**full.with_missing({"seeds": seeds, "methods": {
+        m: rows["dcube"] for m in shown}, "unfinished": rows}, ["baseline", "class_weighted", "dcube"])}})
+    assert "Not finished on those seeds yet" in markdown and "| dcube | [0] |" in markdown
+
+
+def test_balance_to_sets_the_synthetic_share_and_full_benchmark_caps_ham10000(tmp_path):
+    def share(balance_to=None):
+        plan = plan_jobs(["diffusion_rebalance"], [], [0], BUDGETS["full"], tmp_path, balance_to)
+        return next(j for j in plan["jobs"] if j.name == "synthetic-s0").args[3]
+
+    assert share() == BUDGETS["full"].balance_to == 1.0
+    assert share(0.25) == 0.25
+    with pytest.raises(ConfigError, match="--balance-to 0"):
+        share(0.0)
+    assert load_benchmark("full").BALANCE_TO == {"ham10000": 0.25}

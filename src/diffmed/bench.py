@@ -163,8 +163,9 @@ def save_configs(run_dirs: Iterable[Path], out_dir: Path) -> None:
 RUN_RECORD = ("config.yaml", "metrics.json", "predictions.csv", "model/model.json")
 """What every report reads of a finished run (``metrics.json`` present): no weights."""
 GENERATOR_DONE = "generator/model.json"
-GENERATOR_RECORD = ("config.yaml", GENERATOR_DONE, "generator/model.safetensors")
-"""A generator keeps its exported weights: the runs still to train read it, and training it again costs hours."""
+GENERATOR_RECORD = ("config.yaml", GENERATOR_DONE, "generator/model.safetensors", "splits.json")
+"""A generator keeps its exported weights (the runs still to train read them, and training it again costs hours)
+and its split, by which D-Cube checks that the generator never saw the run's validation or test images."""
 FINISHED = ".finished"
 """Written last into a record: a record without it was cut short and is copied again."""
 

@@ -153,6 +153,8 @@ def benchmark(
     out: Optional[Path] = typer.Option(None, help="Benchmark folder (rerun the same command to resume)"),
     jobs: int = typer.Option(1, help="Runs in parallel processes"),
     gpus: int = typer.Option(0, help="GPUs to spread parallel runs over (one per process)"),
+    balance_to: Optional[float] = typer.Option(None, help="Synthetic images fill each class to this share of the "
+                                               "largest (default: the budget's)"),
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Compare methods on one dataset: same splits, several seeds, CIs, significance, one report."""
@@ -160,7 +162,7 @@ def benchmark(
 
     _setup_logging(False)
     out = out or Path("runs") / f"benchmark-{Path(data).stem}-{budget}"
-    md, html = run_benchmark(data, out, methods, seeds, budget, jobs, gpus, set_ or [])
+    md, html = run_benchmark(data, out, methods, seeds, budget, jobs, gpus, set_ or [], balance_to)
     typer.echo(md.read_text().split("## Significance")[0])
     console.print(f"[bold green]report[/] {html}")
 

@@ -20,13 +20,14 @@ def data_overrides(data: str, extra: list[str]) -> list[str]:
 
 
 def run_benchmark(data: str, out: Path, methods: str = "all", seeds: int | None = None, budget: str = "quick",
-                  workers: int = 1, gpus: int = 0, overrides: list[str] = ()) -> tuple[Path, Path]:
+                  workers: int = 1, gpus: int = 0, overrides: list[str] = (),
+                  balance_to: float | None = None) -> tuple[Path, Path]:
     """Run (or resume) the benchmark and write ``benchmark.json``, ``benchmark.md`` and ``benchmark.html``."""
     if budget not in BUDGETS:
         raise ConfigError(f"unknown --budget '{budget}'; choose {', '.join(BUDGETS)}")
     b = BUDGETS[budget]
     names = parse_methods(methods)
-    plan = plan_jobs(names, data_overrides(data, overrides), list(range(seeds or b.seeds)), b, Path(out))
+    plan = plan_jobs(names, data_overrides(data, overrides), list(range(seeds or b.seeds)), b, Path(out), balance_to)
     check_finished_runs(plan["jobs"])
     run_jobs(plan["jobs"], workers=workers, gpus=gpus)
     _, md, html = write_report(Path(out), plan["runs"], budget, names)

@@ -30,7 +30,8 @@ ARMS: dict[str, Arm] = {
     "traditional_rebalance": Arm("baseline", {"balanced_sampler": True}, ("augment.policy=traditional",),
                                  about="balanced sampling of traditionally augmented images (thesis's combined policy)"),
     "diffusion_rebalance": Arm("baseline", synthetic=True,
-                               about="real images + class-conditional DDIM images filling every class to the largest"),
+                               about="real images + class-conditional DDIM images filling every class toward the "
+                                     "largest (the budget's share of it)"),
     "diffmic_v2": Arm("diffmic_v2", about="DiffMIC-v2: label-space diffusion with DCG priors, 10 DDIM steps"),
     "dcube": Arm("dcube", generator=True, about="D-Cube: KS-selected hyper-features of the frozen L_Gen generator"),
     "diffusion_classifier": Arm("diffusion_classifier",
@@ -99,14 +100,20 @@ def _generator_job(data: list[str], seed: int, budget: Budget, out: Path) -> Job
                done="generator/model.safetensors")
 
 
-def _synthetic_job(seed: int, budget: Budget, gen: Path, out: Path) -> Job:
-    return Job(f"synthetic-s{seed}", generate_stage, (gen, out, budget.generate_steps, budget.balance_to, seed), out,
+def _synthetic_job(seed: int, budget: Budget, gen: Path, out: Path, balance_to: float) -> Job:
+    return Job(f"synthetic-s{seed}", generate_stage, (gen, out, budget.generate_steps, balance_to, seed), out,
                done=".complete",
                after=[f"generator-s{seed}"])
 
 
-def plan_jobs(methods: list[str], data: list[str], seeds: list[int], budget: Budget, root: Path) -> dict[str, list]:
-    """All jobs of a benchmark; returns {"jobs": [...], "runs": {method: [run dirs by seed]}}."""
+def plan_jobs(methods: list[str], data: list[str], seeds: list[int], budget: Budget, root: Path,
+              balance_to: float | None = None) -> dict[str, list]:
+    """All jobs of a benchmark; returns {"jobs": [...], "runs": {method: [run dirs by seed]}}.
+
+    ``balance_to`` replaces the budget's share of the largest class that synthetic images fill each class to."""
+    balance_to = budget.balance_to if balance_to is None else balance_to
+    if not 0 < balance_to <= 10:
+        raise ConfigError(f"--balance-to {balance_to} must be a share of the largest class in (0, 10]")
     jobs: list[Job] = []
     runs: dict[str, list[Path]] = {m: [] for m in methods}
     for seed in seeds:
@@ -115,7 +122,7 @@ def plan_jobs(methods: list[str], data: list[str], seeds: list[int], budget: Bud
         if any(a.generator or a.synthetic for a in arms):
             jobs.append(_generator_job(data, seed, budget, gen))
         if any(a.synthetic for a in arms):
-            jobs.append(_synthetic_job(seed, budget, gen, syn))
+            jobs.append(_synthetic_job(seed, budget, gen, syn, balance_to))
         for name in methods:
             arm, run_dir = ARMS[name], root / "runs" / f"{name}-s{seed}"
             epochs = budget.epochs.get(name, budget.epochs["*"])
