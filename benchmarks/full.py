@@ -24,7 +24,6 @@ from diffmed.benchmark import BUDGETS, data_overrides, write_report
 from diffmed.benchmark.arms import check_finished_runs, parse_methods, plan_jobs
 from diffmed.benchmark.report import collect, seed_cell
 from diffmed.benchmark.runner import Job, pending_jobs, run_jobs
-from diffmed.engine.checkpoint import atomic_write_json
 
 DATASETS = ("pneumoniamnist", "pneumoniamnist_imbalanced", "retinamnist", "ham10000")
 PUBLISHED = {  # ../shared/data/README.md: MedMNIST v2 Table 3 ResNet-18 (28 px, 100 epochs), ACC / AUC
@@ -99,8 +98,8 @@ def unfinished_rows(plan: dict, dest: Path, shown: list[str]) -> dict[str, dict]
     done = {job.out for job in plan["jobs"] if job.finished}
     base, rows = plan["runs"]["baseline"], {}
     for m, dirs in plan["runs"].items():
-        seeds = [i for i, d in enumerate(dirs) if m not in shown and d in done and base[i] in done]
-        if seeds:
+        seeds = [i for i, d in enumerate(dirs) if d in done and base[i] in done]
+        if seeds and m not in shown:
             runs = {k: [in_records(dest, plan["runs"][k][i]) for i in seeds] for k in ("baseline", m)}
             rows[m] = {"seeds": seeds, **collect(runs, n_boot=1000)["methods"][m]}
     return rows
@@ -114,9 +113,7 @@ def report(plan: dict, work: Path, out: Path, methods: list[str]) -> dict | None
     if not seeds:
         return None
     runs = {m: [in_records(dest, plan["runs"][m][i]) for i in seeds] for m in shown}
-    result, _, _ = write_report(dest, runs, "full", shown)
-    result["unfinished"] = unfinished_rows(plan, dest, shown)
-    atomic_write_json(dest / "benchmark.json", result)
+    result, _, _ = write_report(dest, runs, "full", shown, {"unfinished": unfinished_rows(plan, dest, shown)})
     return with_missing(result, methods)
 
 

@@ -34,10 +34,13 @@ def run_benchmark(data: str, out: Path, methods: str = "all", seeds: int | None 
     return md, html
 
 
-def write_report(out: Path, runs: dict[str, list[Path]], budget: str, names: list[str]) -> tuple[dict, Path, Path]:
-    """``benchmark.json``, ``.md`` and ``.html`` of finished runs ({method: run folders by seed}) under ``out``."""
+def write_report(out: Path, runs: dict[str, list[Path]], budget: str, names: list[str],
+                 extra: dict | None = None) -> tuple[dict, Path, Path]:
+    """``benchmark.json``, ``.md`` and ``.html`` of finished runs ({method: run folders by seed}) under ``out``;
+    ``extra`` adds keys to ``benchmark.json``."""
     result = collect(runs, n_boot=1000)
     result["budget"], result["methods_run"] = budget, names
+    result.update(extra or {})
     md, html = write_benchmark_report(out, runs, result, {m: ARMS[m].about for m in names})
     return result, md, html
 
