@@ -8,7 +8,7 @@ import pytest
 
 from conftest import load_benchmark, run_killed
 from diffmed.benchmark import BUDGETS, run_benchmark
-from diffmed.benchmark.arms import parse_methods, plan_jobs
+from diffmed.benchmark.arms import parse_method_params, parse_methods, plan_jobs
 from diffmed.benchmark.runner import pending_jobs
 from diffmed.errors import ConfigError
 
@@ -342,3 +342,18 @@ def test_balance_to_sets_the_synthetic_share_and_full_benchmark_caps_ham10000(tm
     with pytest.raises(ConfigError, match="--balance-to 0"):
         share(0.0)
     assert load_benchmark("full").BALANCE_TO == {"ham10000": 0.25}
+
+
+def test_method_params_set_one_method_and_full_benchmark_shrinks_ham10000s_vae(tmp_path):
+    params = parse_method_params(["diffusion_classifier.vae_width=16", "diffusion_classifier.vae_epochs=10"])
+    assert params == {"diffusion_classifier": {"vae_width": "16", "vae_epochs": "10"}}
+    plan = plan_jobs(["baseline", "diffusion_classifier"], [], [0], BUDGETS["full"], tmp_path, method_params=params)
+    overrides = {j.name: j.args[0] for j in plan["jobs"]}
+    assert "method.params.vae_width=16" in overrides["diffusion_classifier-s0"]
+    assert "method.params.pretrain_epochs=10" in overrides["diffusion_classifier-s0"]  # the budget's stay
+    assert not any("vae_width" in o for o in overrides["baseline-s0"])
+    for bad in ("vae_width=16", "dcube_x.vae_width=16", "diffusion_classifier.vae_width"):
+        with pytest.raises(ConfigError, match=re.escape(f"--param '{bad}'")):
+            parse_method_params([bad])
+    assert load_benchmark("full").METHOD_PARAMS == {"ham10000": {"diffusion_classifier": {"vae_width": 16,
+                                                                                        "vae_epochs": 10}}}

@@ -155,6 +155,8 @@ def benchmark(
     gpus: int = typer.Option(0, help="GPUs to spread parallel runs over (one per process)"),
     balance_to: Optional[float] = typer.Option(None, help="Synthetic images fill each class to this share of the "
                                                "largest (default: the budget's)"),
+    param: Optional[list[str]] = typer.Option(None, help="METHOD.PARAM=VALUE: one method's setting on top of the "
+                                              "budget's, e.g. diffusion_classifier.vae_epochs=10 (repeatable)"),
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Compare methods on one dataset: same splits, several seeds, CIs, significance, one report."""
@@ -162,7 +164,7 @@ def benchmark(
 
     _setup_logging(False)
     out = out or Path("runs") / f"benchmark-{Path(data).stem}-{budget}"
-    md, html = run_benchmark(data, out, methods, seeds, budget, jobs, gpus, set_ or [], balance_to)
+    md, html = run_benchmark(data, out, methods, seeds, budget, jobs, gpus, set_ or [], balance_to, param or [])
     typer.echo(md.read_text().split("## Significance")[0])
     console.print(f"[bold green]report[/] {html}")
 

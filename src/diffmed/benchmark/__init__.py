@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffmed.benchmark.arms import ARMS, BUDGETS, check_finished_runs, parse_methods, plan_jobs
+from diffmed.benchmark.arms import ARMS, BUDGETS, check_finished_runs, parse_method_params, parse_methods, plan_jobs
 from diffmed.benchmark.report import collect, write_benchmark_report
 from diffmed.benchmark.runner import run_jobs
 from diffmed.errors import ConfigError
@@ -21,13 +21,16 @@ def data_overrides(data: str, extra: list[str]) -> list[str]:
 
 def run_benchmark(data: str, out: Path, methods: str = "all", seeds: int | None = None, budget: str = "quick",
                   workers: int = 1, gpus: int = 0, overrides: list[str] = (),
-                  balance_to: float | None = None) -> tuple[Path, Path]:
-    """Run (or resume) the benchmark and write ``benchmark.json``, ``benchmark.md`` and ``benchmark.html``."""
+                  balance_to: float | None = None, method_params: list[str] = ()) -> tuple[Path, Path]:
+    """Run (or resume) the benchmark and write ``benchmark.json``, ``benchmark.md`` and ``benchmark.html``.
+
+    ``method_params``: ``METHOD.PARAM=VALUE`` settings of one method on top of the budget's."""
     if budget not in BUDGETS:
         raise ConfigError(f"unknown --budget '{budget}'; choose {', '.join(BUDGETS)}")
     b = BUDGETS[budget]
     names = parse_methods(methods)
-    plan = plan_jobs(names, data_overrides(data, overrides), list(range(seeds or b.seeds)), b, Path(out), balance_to)
+    plan = plan_jobs(names, data_overrides(data, overrides), list(range(seeds or b.seeds)), b, Path(out), balance_to,
+                     parse_method_params(list(method_params)))
     check_finished_runs(plan["jobs"])
     run_jobs(plan["jobs"], workers=workers, gpus=gpus)
     _, md, html = write_report(Path(out), plan["runs"], budget, names)

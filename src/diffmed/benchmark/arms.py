@@ -84,6 +84,19 @@ BUDGETS: dict[str, Budget] = {
 }
 
 
+def parse_method_params(items: list[str]) -> dict[str, dict]:
+    """``METHOD.PARAM=VALUE`` options as {method: {param: value}} (values stay text: they become config overrides)."""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        method, dot, param = key.partition(".")
+        known = {a.method for a in ARMS.values()}
+        if not (eq and dot and param) or method not in known:
+            raise ConfigError(f"--param '{item}' must read METHOD.PARAM=VALUE with METHOD one of {', '.join(sorted(known))}")
+        out.setdefault(method, {})[param] = value
+    return out
+
+
 def parse_methods(text: str) -> list[str]:
     names = list(ARMS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m not in ARMS]
@@ -107,10 +120,11 @@ def _synthetic_job(seed: int, budget: Budget, gen: Path, out: Path, balance_to: 
 
 
 def plan_jobs(methods: list[str], data: list[str], seeds: list[int], budget: Budget, root: Path,
-              balance_to: float | None = None) -> dict[str, list]:
+              balance_to: float | None = None, method_params: dict[str, dict] | None = None) -> dict[str, list]:
     """All jobs of a benchmark; returns {"jobs": [...], "runs": {method: [run dirs by seed]}}.
 
-    ``balance_to`` replaces the budget's share of the largest class that synthetic images fill each class to."""
+    ``balance_to`` replaces the budget's share of the largest class that synthetic images fill each class to;
+    ``method_params`` ({method: {param: value}}) adds to or replaces the budget's parameters of a method."""
     balance_to = budget.balance_to if balance_to is None else balance_to
     if not 0 < balance_to <= 10:
         raise ConfigError(f"--balance-to {balance_to} must be a share of the largest class in (0, 10]")
@@ -126,7 +140,8 @@ def plan_jobs(methods: list[str], data: list[str], seeds: list[int], budget: Bud
         for name in methods:
             arm, run_dir = ARMS[name], root / "runs" / f"{name}-s{seed}"
             epochs = budget.epochs.get(name, budget.epochs["*"])
-            params = {**budget.method_params.get(arm.method, {}), **arm.params}
+            params = {**budget.method_params.get(arm.method, {}), **(method_params or {}).get(arm.method, {}),
+                      **arm.params}
             if arm.generator:
                 params["generator_run"] = str(gen)
             overrides = [*data, f"method.name={arm.method}", f"train.seed={seed}", f"train.max_epochs={epochs}",
