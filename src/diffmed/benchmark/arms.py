@@ -87,10 +87,10 @@ BUDGETS: dict[str, Budget] = {
 def parse_method_params(items: list[str]) -> dict[str, dict]:
     """``METHOD.PARAM=VALUE`` options as {method: {param: value}} (values stay text: they become config overrides)."""
     out: dict[str, dict] = {}
+    known = {a.method for a in ARMS.values()}
     for item in items:
         key, eq, value = item.partition("=")
         method, dot, param = key.partition(".")
-        known = {a.method for a in ARMS.values()}
         if not (eq and dot and param) or method not in known:
             raise ConfigError(f"--param '{item}' must read METHOD.PARAM=VALUE with METHOD one of {', '.join(sorted(known))}")
         out.setdefault(method, {})[param] = value
