@@ -92,7 +92,8 @@ def parse_method_params(items: list[str]) -> dict[str, dict]:
         key, eq, value = item.partition("=")
         method, dot, param = key.partition(".")
         if not (eq and dot and param) or method not in known:
-            raise ConfigError(f"--param '{item}' must read METHOD.PARAM=VALUE with METHOD one of {', '.join(sorted(known))}")
+            raise ConfigError(f"--param '{item}' must read METHOD.PARAM=VALUE with METHOD one of "
+                              f"{', '.join(sorted(known))}")
         out.setdefault(method, {})[param] = value
     return out
 
