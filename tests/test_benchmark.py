@@ -346,7 +346,7 @@ def test_balance_to_sets_the_synthetic_share_and_full_benchmark_caps_ham10000(tm
 
 def test_method_params_set_one_method_and_full_benchmark_shrinks_ham10000s_vae(tmp_path):
     params = parse_method_params(["diffusion_classifier.vae_width=16", "diffusion_classifier.vae_epochs=10"])
-    assert params == {"diffusion_classifier": {"vae_width": "16", "vae_epochs": "10"}}
+    assert params == {"diffusion_classifier": {"vae_width": 16, "vae_epochs": 10}}
     plan = plan_jobs(["baseline", "diffusion_classifier"], [], [0], BUDGETS["full"], tmp_path, method_params=params)
     overrides = {j.name: j.args[0] for j in plan["jobs"]}
     assert "method.params.vae_width=16" in overrides["diffusion_classifier-s0"]

@@ -17,21 +17,6 @@ SetOpt = typer.Option(None, "--set", "-s",
                       help="Config override key.sub=value (repeatable), e.g. -s train.batch_size=64")
 
 
-def parse_key_values(items: list[str] | None, option: str) -> dict:
-    """``["a=1", "b=x"]`` -> {"a": 1, "b": "x"} (values parsed as YAML)."""
-    from diffmed.config import parse_override
-    from diffmed.errors import ConfigError
-
-    out = {}
-    for item in items or []:
-        try:
-            key, value = parse_override(item)
-        except ConfigError:
-            raise ConfigError(f"{option} '{item}' must look like key=value") from None
-        out[key] = value
-    return out
-
-
 def train_generator_cmd(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config (data, train settings)"),
     data: Optional[str] = typer.Option(None, help="Dataset: .npz, CSV, image folder or MedMNIST name"),
@@ -46,7 +31,7 @@ def train_generator_cmd(
     from rich.markup import escape
 
     from diffmed.cli import _overrides, _setup_logging, console, default_run_dir
-    from diffmed.config import load_config
+    from diffmed.config import load_config, parse_key_values
     from diffmed.diffusion.generative import GENERATOR_DIR, train_generator
 
     _setup_logging(verbose)
@@ -77,6 +62,7 @@ def generate_cmd(
     from rich.markup import escape
 
     from diffmed.cli import console
+    from diffmed.config import parse_key_values
     from diffmed.diffusion.generate import generate
 
     counts = parse_key_values(count, "--count") if count else None

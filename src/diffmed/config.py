@@ -137,6 +137,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
+def parse_key_values(items: list[str] | None, option: str) -> dict:
+    """``["a=1", "b=x"]`` -> {"a": 1, "b": "x"} (values parsed as YAML)."""
+    out = {}
+    for item in items or []:
+        try:
+            key, value = parse_override(item)
+        except ConfigError:
+            raise ConfigError(f"{option} '{item}' must look like key=value") from None
+        out[key] = value
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] = ()) -> RunConfig:
     """Resolve a config: YAML file (optional), then overrides; unknown keys raise ConfigError."""
     tree: dict[str, Any] = {}

@@ -85,14 +85,15 @@ BUDGETS: dict[str, Budget] = {
 
 
 def parse_method_params(items: list[str]) -> dict[str, dict]:
-    """``METHOD.PARAM=VALUE`` options as {method: {param: value}} (values stay text: they become config overrides)."""
+    """``METHOD.PARAM=VALUE`` options as {method: {param: value}} (values parsed as YAML)."""
+    from diffmed.config import parse_key_values
+
     out: dict[str, dict] = {}
     known = {a.method for a in ARMS.values()}
-    for item in items:
-        key, eq, value = item.partition("=")
-        method, dot, param = key.partition(".")
-        if not (eq and dot and param) or method not in known:
-            raise ConfigError(f"--param '{item}' must read METHOD.PARAM=VALUE with METHOD one of "
+    for key, value in parse_key_values(items, "--param").items():
+        method, _, param = key.partition(".")
+        if not param or method not in known:
+            raise ConfigError(f"--param '{key}={value}' must read METHOD.PARAM=VALUE with METHOD one of "
                               f"{', '.join(sorted(known))}")
         out.setdefault(method, {})[param] = value
     return out
