@@ -171,6 +171,43 @@ def test_a_finished_generator_trained_with_other_options_is_an_error(tmp_path):
         check_finished_runs(jobs)
 
 
+def test_synthetic_images_or_a_run_made_with_another_share_are_an_error(tmp_path):
+    from diffmed.benchmark.arms import check_finished_runs
+    from diffmed.config import load_config, save_config
+    from diffmed.diffusion.generative import parse_params
+    from diffmed.errors import RunError
+
+    plan = plan_jobs(["diffusion_rebalance"], ["data.source=/here/data/x.npz"], [0], BUDGETS["full"], tmp_path, 0.5)
+    jobs = {j.name: j for j in plan["jobs"]}
+    files = {  # a finished generator (10 normal, 30 pneumonia images), its synthetic images and a run on them
+        "stages/generator-s0/generator/model.json": {"params": parse_params(BUDGETS["full"].generator).model_dump(),
+                                                     "spec": {"class_names": ["normal", "pneumonia"]},
+                                                     "class_counts": {"normal": 10, "pneumonia": 30}},
+        "stages/generator-s0/generator/model.safetensors": {}, "stages/synthetic-s0/.complete": {},
+        "stages/synthetic-s0/generation.json": {"counts": {"normal": 5, "pneumonia": 0}},  # fills to 0.5 x 30
+        "runs/diffusion_rebalance-s0/metrics.json": {},
+        "runs/diffusion_rebalance-s0/model/model.json": {"train_counts": {"synthetic": {"normal": 5, "pneumonia": 0}}},
+    }
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(json.dumps(content))
+    for name in ("generator-s0", "diffusion_rebalance-s0"):
+        save_config(load_config(None, jobs[name].args[0]), jobs[name].out / "config.yaml")
+    check_finished_runs(plan["jobs"])
+    run_meta = tmp_path / "runs/diffusion_rebalance-s0/model/model.json"
+    run_meta.write_text(json.dumps({"train_counts": {"synthetic": {"normal": 20, "pneumonia": 0}}}))  # share 1.0
+    with pytest.raises(RunError, match=re.escape("diffusion_rebalance-s0' holds a run with other settings than this "
+                                                 "benchmark asks for (synthetic images per class: {'normal': 20, "
+                                                 "'pneumonia': 0} -> {'normal': 5, 'pneumonia': 0})")):
+        check_finished_runs(plan["jobs"])
+    run_meta.write_text("{}")  # kept before runs recorded their training images: nothing to compare
+    check_finished_runs(plan["jobs"])
+    (tmp_path / "stages/synthetic-s0/generation.json").write_text(json.dumps({"counts": {"normal": 20,
+                                                                                         "pneumonia": 0}}))
+    with pytest.raises(RunError, match=r"synthetic-s0.*synthetic images per class"):
+        check_finished_runs(plan["jobs"])
+
+
 def test_a_generator_record_keeps_its_weights_so_dcube_needs_no_new_generator(tmp_path):
     full = load_benchmark("full")
     plan = plan_jobs(parse_methods("dcube"), [], [0], BUDGETS["full"], tmp_path / "work")

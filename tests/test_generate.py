@@ -131,6 +131,19 @@ def test_manifest_is_a_csv_data_source(generator_run, tmp_path):
     assert ds.images.shape == (3, 28, 28, 1) and ds.targets.tolist() == [0, 0, 1]
 
 
+@pytest.mark.slow
+def test_a_run_records_its_real_and_synthetic_training_images(generator_run, tiny_pneumonia, tmp_path):
+    from conftest import tiny_overrides
+    from diffmed.engine.run import train
+
+    result = generate(generator_run, tmp_path / "syn", counts={"normal": 2, "pneumonia": 1}, steps=2, batch_size=4)
+    cfg = load_config(None, tiny_overrides(tiny_pneumonia, **{"train.max_epochs": 1,
+                                                              "data.synthetic": f"[{result.manifest}]"}))
+    counts = json.loads((train(cfg, tmp_path / "run") / "model" / "model.json").read_text())["train_counts"]
+    assert counts["synthetic"] == {"normal": 2, "pneumonia": 1}
+    assert sum(counts["real"].values()) == 96 and min(counts["real"].values()) > 0  # the slice's training split
+
+
 def test_request_counts():
     names, train = ["normal", "pneumonia"], {"normal": 7, "pneumonia": 25}
     assert request_counts(names, train, balance_to=1.0) == {"normal": 18, "pneumonia": 0}

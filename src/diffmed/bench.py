@@ -66,19 +66,36 @@ def run_or_resume(cfg: RunConfig | list[str], run_dir: Path) -> dict:
     return json.loads(metrics.read_text())
 
 
-def check_same_settings(run_dir: Path, cfg: RunConfig, generator_params: dict | None = None) -> None:
+def check_same_settings(run_dir: Path, cfg: RunConfig | None, generator_params: dict | None = None,
+                        synthetic_counts: dict[str, int] | None = None) -> None:
     """A run folder (or record) left by other settings is an error, never silently read back as this run;
-    ``generator_params``: it holds a generator, trained with these options."""
+    ``generator_params``: it holds a generator, trained with these options; ``synthetic_counts``: it holds
+    synthetic images (or a run trained on them), this many per class."""
     from diffmed.diffusion.generative import generator_param_changes
 
     saved = run_dir / CONFIG_FILE
-    changes = config_changes(load_config(saved), cfg) if saved.is_file() else []
+    changes = config_changes(load_config(saved), cfg) if cfg is not None and saved.is_file() else []
     if generator_params is not None:
         changes += generator_param_changes(run_dir, generator_params)
+    if synthetic_counts is not None:
+        changes += synthetic_count_changes(run_dir, synthetic_counts)
     if changes:
         raise RunError(f"'{run_dir}' holds a run with other settings than this benchmark asks for "
                        f"({'; '.join(changes)}); delete that folder (and its record, if one was restored from "
                        "committed results) to train it again, or write this benchmark to another folder")
+
+
+def synthetic_count_changes(folder: Path, planned: dict[str, int]) -> list[str]:
+    """The synthetic images per class a generation folder (``generation.json``) or a run trained on them
+    (``model/model.json``) holds, against ``planned``; a run kept before runs recorded them shows no change."""
+    from diffmed.diffusion.generate import STATE_FILE
+
+    state, meta = folder / STATE_FILE, folder / "model" / "model.json"
+    if state.is_file():
+        held = json.loads(state.read_text()).get("counts")
+    else:
+        held = json.loads(meta.read_text()).get("train_counts", {}).get("synthetic") if meta.is_file() else None
+    return [] if held in (None, planned) else [f"synthetic images per class: {held} -> {planned}"]
 
 
 def trained_run(run_dir: Path) -> tuple:

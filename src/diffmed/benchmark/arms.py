@@ -164,11 +164,30 @@ def check_finished_runs(jobs: list[Job]) -> None:
     from diffmed.bench import check_same_settings
     from diffmed.config import load_config
 
+    stages = {j.name: j for j in jobs if j.fn is generate_stage}
     for job in (j for j in jobs if j.finished):
+        synthetic = next((stages[n] for n in (job.name, *job.after) if n in stages), None)
+        counts = planned_synthetic_counts(synthetic) if synthetic else None
         if job.fn is train_arm:
-            check_same_settings(job.out, load_config(None, job.args[0]))
+            check_same_settings(job.out, load_config(None, job.args[0]), synthetic_counts=counts)
         elif job.fn is train_generator_stage:
             check_same_settings(job.out, load_config(None, job.args[0]), generator_params=job.args[2])
+        elif job.fn is generate_stage:
+            check_same_settings(job.out, None, synthetic_counts=counts)
+
+
+def planned_synthetic_counts(job: Job) -> dict[str, int] | None:
+    """Images per class a synthetic stage makes (from its generator's class counts and the share planned now),
+    or None while the generator has not finished."""
+    from diffmed.bench import GENERATOR_DONE
+    from diffmed.diffusion.generate import request_counts
+    from diffmed.diffusion.generative import read_generator_meta
+
+    generator_run, _, _, balance_to, _ = job.args
+    if not (generator_run / GENERATOR_DONE).is_file():
+        return None
+    meta = read_generator_meta(generator_run)
+    return request_counts(list(meta["spec"]["class_names"]), meta.get("class_counts"), balance_to=balance_to)
 
 
 # --- job functions (top level, so worker processes can import them) ---------------------------------

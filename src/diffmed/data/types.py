@@ -102,11 +102,18 @@ class LabelledSet:
             groups=pick(self.groups), mask=pick(self.mask), synthetic=pick(self.synthetic),
         )
 
-    def class_counts(self) -> np.ndarray:
-        """Images per class (single-label) or positives per label (multi-label)."""
+    def class_counts(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Images per class (single-label) or positives per label (multi-label), of ``rows`` (a mask) or all."""
+        targets = self.targets if rows is None else self.targets[rows]
         if self.task == "multilabel":
-            return np.nansum(self.targets == 1, axis=0).astype(int)
-        return np.bincount(self.targets.astype(int), minlength=len(self.class_names))
+            return np.nansum(targets == 1, axis=0).astype(int)
+        return np.bincount(targets.astype(int), minlength=len(self.class_names))
+
+    def real_and_synthetic_counts(self) -> dict[str, dict[str, int]]:
+        """``class_counts`` of the real and of the synthetic images apart, by class name."""
+        synthetic = np.zeros(len(self), bool) if self.synthetic is None else np.asarray(self.synthetic, bool)
+        return {kind: dict(zip(self.class_names, map(int, self.class_counts(rows))))
+                for kind, rows in (("real", ~synthetic), ("synthetic", synthetic))}
 
     def stratify_key(self) -> np.ndarray:
         """A per-row label used to stratify splits (first positive label for multi-label)."""

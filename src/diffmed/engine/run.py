@@ -136,11 +136,12 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path | None:
     return run_dir
 
 
-def model_meta(cfg: RunConfig, method, spec: TaskSpec, calibration: dict) -> dict:
-    """The input contract and everything ``predict`` needs to rebuild the model and its preprocessing."""
+def model_meta(cfg: RunConfig, method, data: PreparedData, calibration: dict) -> dict:
+    """The input contract and everything ``predict`` needs to rebuild the model and its preprocessing, and the
+    training images per class (real and synthetic: a benchmark checks a kept run's synthetic share by them)."""
     return {"method": cfg.method.name, "params": method.params.model_dump(mode="json"), "optim": cfg.optim.model_dump(),
-            "max_epochs": cfg.train.max_epochs, **spec.to_dict(), **calibration, "dataset": cfg.data.source,
-            "seed": cfg.train.seed}
+            "max_epochs": cfg.train.max_epochs, **data.spec.to_dict(), **calibration, "dataset": cfg.data.source,
+            "seed": cfg.train.seed, "train_counts": data.sets["train"].real_and_synthetic_counts()}
 
 
 def finalize(cfg: RunConfig, data: PreparedData, method, run_dir: Path, cost: dict | None) -> dict:
@@ -148,7 +149,7 @@ def finalize(cfg: RunConfig, data: PreparedData, method, run_dir: Path, cost: di
     dm = make_datamodule(cfg, data)
     val = evaluate_split(method, dm.eval_loader("val"), data.spec)
     calibration = {"temperature": val["temperature"], "thresholds": val["thresholds"]}
-    export_model(method, run_dir, model_meta(cfg, method, data.spec, calibration))
+    export_model(method, run_dir, model_meta(cfg, method, data, calibration))
     test_out = collect_outputs(method, dm.eval_loader("test"))
     cost = dict(cost or {})
     cost.update(infer_seconds_per_image=test_out.seconds_per_image,
