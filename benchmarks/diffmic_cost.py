@@ -8,6 +8,8 @@ K ROIs, the raw-image transformer and the ROI CNN of F, the label UNet over the 
 
     python benchmarks/diffmic_cost.py --image-size 28 --channels 1 --classes 2
     python benchmarks/diffmic_cost.py --image-size 64 --channels 3 --classes 7 --set global_backbone=resnet10t
+    python benchmarks/diffmic_cost.py --image-size 64 --channels 3 --classes 7 --set feature_encoders=dcg \
+        --tag shared
 """
 from __future__ import annotations
 
@@ -46,15 +48,20 @@ def components(method, images: torch.Tensor) -> dict:
         for _ in range(p.inference_steps):
             method.denoiser(y, prior, feats, t)
 
-    return {
+    rows = {
         "DCG global encoder + saliency + ROI crops": lambda: dcg(images, local=False, rois=True),
         f"DCG local encoder ({p.num_rois} ROIs) + attention": lambda: dcg.local_logits(rois),
-        f"F: image transformer ({p.image_backbone})": lambda: method.image_proj(method.image_encoder(images)),
-        f"F: ROI CNN ({p.roi_backbone}, {p.num_rois} ROIs)":
-            lambda: method.roi_proj(method.roi_encoder(rois.flatten(0, 1))),
-        f"label UNet x {steps} (width {p.unet_channels})": unet,
-        "whole predict_logits": lambda: method.predict_logits(images),
     }
+    if method.shared_encoders:
+        out = dcg(images)
+        rows["F: projections of the DCG features"] = lambda: method.image_features(images, out)
+    else:
+        rows[f"F: image transformer ({p.image_backbone})"] = lambda: method.image_proj(method.image_encoder(images))
+        rows[f"F: ROI CNN ({p.roi_backbone}, {p.num_rois} ROIs)"] = \
+            lambda: method.roi_proj(method.roi_encoder(rois.flatten(0, 1)))
+    rows[f"label UNet x {steps} (width {p.unet_channels})"] = unet
+    rows["whole predict_logits"] = lambda: method.predict_logits(images)
+    return rows
 
 
 def main() -> None:
@@ -66,6 +73,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timing per row")
     ap.add_argument("--set", nargs="*", default=[], help="DiffMIC-v2 params as key=value (e.g. unet_channels=64)")
+    ap.add_argument("--tag", default="", help="suffix of the output files (cost_<size>px_<tag>)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "diffmic")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -80,10 +88,11 @@ def main() -> None:
     rows = {"ResNet-18 baseline forward": base_ms}
     rows.update({name: ms_per_image(fn, len(images), args.min_run_time)
                  for name, fn in components(method, images).items()})
-    tag = f"cost_{args.image_size}px"
+    tag = f"cost_{args.image_size}px" + (f"_{args.tag}" if args.tag else "")
     results = {"ms_per_image": rows, "settings": vars(args) | {"out": str(args.out)},
                "params": method.params.model_dump()}
-    md = (f"# DiffMIC-v2 inference cost by component, {args.image_size} px, {args.channels} channel(s), "
+    md = (f"# DiffMIC-v2 inference cost by component{' (' + ', '.join(args.set) + ')' if args.set else ''}, "
+          f"{args.image_size} px, {args.channels} channel(s), "
           f"{args.classes} classes, batch {args.batch_size}, {args.threads} thread(s)\n\n"
           + markdown_table(["component", "ms / image", "x baseline"],
                            [[k, f"{v:.2f}", f"{v / base_ms:.2f}"] for k, v in rows.items()]))

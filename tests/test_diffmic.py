@@ -162,6 +162,25 @@ def test_image_features_and_priors_are_computed_once_per_image():
     assert m.forward_passes_per_image() == 4 + 10 * 3
 
 
+def test_shared_encoders_build_f_from_the_frozen_dcg_in_two_encoder_passes():
+    m = make(feature_encoders="dcg")
+    assert not hasattr(m, "image_encoder") and not hasattr(m, "roi_encoder")
+    counts = count_calls(m.dcg.saliency, m.dcg.local_encoder, m.denoiser)  # saliency: once per global pass
+    m.eval().predict_with_uncertainty(torch.randn(4, 1, 28, 28))
+    assert counts == [1, 1, 10] and m.forward_passes_per_image() == 2 + 10
+    x = torch.randn(4, 1, 28, 28)
+    out = m.dcg(x)
+    raw, roi = m.image_proj(out.global_features), m.roi_proj(out.roi_features)
+    expected = (m.fusion.t() * torch.cat([raw[:, None], roi], dim=1)).sum(1)
+    torch.testing.assert_close(m.condition(x).features, expected)  # Eq. 6 over the DCG's own features
+    m = make(feature_encoders="dcg", feature_loss_weight=0.5)  # the UNet's zero-initialised output passes no
+    m.training_loss(batch_of(pneumonia("train", 8), BINARY)).backward()  # gradient at first; the CE on F does
+    assert m.image_proj.weight.grad.abs().sum() > 0 and m.roi_proj.weight.grad.abs().sum() > 0 and m.fusion.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.dcg.parameters())  # the DCG stays frozen
+    with pytest.raises(ConfigError, match="feature_encoders=dcg.*ablation=c3"):
+        make(feature_encoders="dcg", ablation="c3")
+
+
 # --- ablations ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("ablation", list(VARIANTS))
 def test_each_ablation_switch_builds_its_own_graph(ablation):
@@ -441,3 +460,6 @@ def test_cost_benchmark_times_every_component():
     parts = cost.components(m, torch.randn(4, 1, 28, 28))
     assert len(parts) == 6 and any(name.startswith("label UNet x 10") for name in parts)
     assert all(cost.ms_per_image(fn, 4, 0.01) > 0 for fn in parts.values())
+    shared = cost.components(make(feature_encoders="dcg").eval(), torch.randn(4, 1, 28, 28))
+    assert len(shared) == 5 and "F: projections of the DCG features" in shared
+    assert all(cost.ms_per_image(fn, 4, 0.01) > 0 for fn in shared.values())

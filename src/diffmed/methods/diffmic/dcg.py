@@ -75,6 +75,10 @@ class DCGOutput:
     """(N, K, channels, roi, roi) image crops; None when not asked for."""
     boxes: torch.Tensor | None
     """(N, K, 2) top-left (y, x) of each crop."""
+    global_features: torch.Tensor | None = None
+    """(N, D) spatial mean of the global encoder's feature map."""
+    roi_features: torch.Tensor | None = None
+    """(N, K, M) local encoder embedding of each crop; None when the local stream was not asked for."""
 
 
 class DCG(nn.Module):
@@ -96,6 +100,11 @@ class DCG(nn.Module):
         """(N, channels, H, W) images -> (N, C, h, w) class response map of the global stream."""
         return self.saliency(feature_map(self.global_encoder, images))
 
+    def roi_embeddings(self, rois: torch.Tensor) -> torch.Tensor:
+        """(N, K, channels, roi, roi) crops -> (N, K, M) local encoder features, the K crops in one batch."""
+        n, k = rois.shape[:2]
+        return self.local_encoder(rois.flatten(0, 1)).view(n, k, -1)
+
     def roi_scores(self, saliency: torch.Tensor) -> torch.Tensor:
         """(N, h, w) where to look: the predicted class's map (single-label), the strongest label (multi-label)."""
         if self.multilabel:
@@ -107,18 +116,19 @@ class DCG(nn.Module):
         boxes = top_k_boxes(self.roi_scores(saliency.detach()), self.num_rois, images.shape[-2:], self.roi_size)
         return crop_windows(images, boxes, self.roi_size), boxes
 
-    def local_logits(self, rois: torch.Tensor) -> torch.Tensor:
-        n, k = rois.shape[:2]
-        r = self.local_encoder(rois.flatten(0, 1)).view(n, k, -1)
-        z, _ = self.attention(r)
+    def local_logits(self, rois: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        z, _ = self.attention(self.roi_embeddings(rois) if embeddings is None else embeddings)
         return self.local_head(z)
 
     def forward(self, images: torch.Tensor, local: bool = True, rois: bool = True) -> DCGOutput:
-        """Global logits always; the crops when ``rois`` or ``local``; the local logits when ``local``."""
-        saliency = self.saliency_map(images)
-        out = DCGOutput(saliency.mean((2, 3)), None, None, None)
+        """Global logits and features always; the crops when ``rois`` or ``local``; the crops' embeddings and
+        the local logits when ``local``."""
+        fmap = feature_map(self.global_encoder, images)
+        saliency = self.saliency(fmap)
+        out = DCGOutput(saliency.mean((2, 3)), None, None, None, global_features=fmap.mean((2, 3)))
         if local or rois:
             out.rois, out.boxes = self.crop(images, saliency)
         if local:
-            out.local_logits = self.local_logits(out.rois)
+            out.roi_features = self.roi_embeddings(out.rois)
+            out.local_logits = self.local_logits(out.rois, out.roi_features)
         return out

@@ -68,6 +68,12 @@ class DiffMICParams(BaseParams):
     """Transformer encoder of the raw image for F (img_size/patch_size adapted to the data)."""
     roi_backbone: str = "resnet10t"
     """CNN encoder of the ROIs for F."""
+    feature_encoders: Literal["own", "dcg"] = "own"
+    """Encoders behind F (rows c5, c6, full). ``own``: the paper's transformer on the image and CNN on the ROIs,
+    trained with the denoiser. ``dcg``: F fuses the frozen DCG's features instead (its global encoder's pooled
+    map and its local encoder's ROI embeddings, both computed anyway for the priors), through trainable
+    projections and Q: two encoder passes per image instead of four (not in the paper; at 64 px the own
+    encoders cost 1.5x a baseline forward between them, ``benchmarks/diffmic_cost.py``)."""
     patch_size: int | None = Field(None, ge=1)
     """ViT patch size of ``image_backbone`` (default ``default_patch_size``: a 4x4 token grid at 28 px, 8x8 at
     64 px, 16 px patches from 128 px; 49 tokens at 28 px cost 0.7x a baseline forward, 16 cost 0.2x)."""
@@ -268,18 +274,17 @@ class DiffMICv2(ClassifierMethod):
         if self.roi_size > spec.image_size:
             raise ConfigError(f"method.params.roi_size={self.roi_size} exceeds data.image_size={spec.image_size}")
         c, h = spec.num_classes, params.feature_dim
+        self.shared_encoders = params.feature_encoders == "dcg"
+        if self.shared_encoders and not self.variant.fused_features:
+            raise ConfigError(f"method.params.feature_encoders=dcg builds F from the DCG's encoders, but ablation="
+                              f"{params.ablation} has no F (only c5, c6 and full do); use feature_encoders=own")
         self.dcg = self._build_dcg() if self.variant.needs_dcg else None
-        vit = {"patch_size": params.patch_size or default_patch_size(spec.image_size)} \
-            if is_vit(params.image_backbone) else {}
-        self.image_encoder = create_backbone(params.image_backbone, spec.channels, 0, spec.image_size,
-                                             pretrained=params.pretrained, **vit)
-        probe(self.image_encoder, spec.channels, spec.image_size, "image_backbone", params.image_backbone)
-        self.image_proj = nn.Linear(self.image_encoder.num_features, h)
+        if self.shared_encoders:
+            self.image_proj = nn.Linear(self.dcg.global_encoder.num_features, h)
+            self.roi_proj = nn.Linear(self.dcg.local_encoder.num_features, h)
+        else:
+            self._build_own_encoders(h)
         if self.variant.fused_features:
-            self.roi_encoder = create_backbone(params.roi_backbone, spec.channels, 0, self.roi_size,
-                                               pretrained=params.pretrained)
-            probe(self.roi_encoder, spec.channels, self.roi_size, "roi_backbone", params.roi_backbone)
-            self.roi_proj = nn.Linear(self.roi_encoder.num_features, h)
             k = params.num_rois
             self.fusion = nn.Parameter(torch.full((h, k + 1), 1.0 / (k + 1)))  # Q of Eq. 6
         if self.variant.diffusion:
@@ -296,6 +301,20 @@ class DiffMICv2(ClassifierMethod):
         self.register_buffer("distance", distance_matrix(params.num_points), persistent=False)
 
     # --- construction ------------------------------------------------------------------------------
+    def _build_own_encoders(self, h: int) -> None:
+        """F's own image transformer (and, for the fused rows, ROI CNN), each projected to H."""
+        p, spec = self.params, self.spec
+        vit = {"patch_size": p.patch_size or default_patch_size(spec.image_size)} if is_vit(p.image_backbone) else {}
+        self.image_encoder = create_backbone(p.image_backbone, spec.channels, 0, spec.image_size,
+                                             pretrained=p.pretrained, **vit)
+        probe(self.image_encoder, spec.channels, spec.image_size, "image_backbone", p.image_backbone)
+        self.image_proj = nn.Linear(self.image_encoder.num_features, h)
+        if self.variant.fused_features:
+            self.roi_encoder = create_backbone(p.roi_backbone, spec.channels, 0, self.roi_size,
+                                               pretrained=p.pretrained)
+            probe(self.roi_encoder, spec.channels, self.roi_size, "roi_backbone", p.roi_backbone)
+            self.roi_proj = nn.Linear(self.roi_encoder.num_features, h)
+
     def _build_dcg(self) -> DCG:
         p, spec = self.params, self.spec
         dcg = DCG(spec.channels, spec.num_classes, spec.image_size, spec.multilabel, p.global_backbone,
@@ -379,22 +398,27 @@ class DiffMICv2(ClassifierMethod):
         d = self.distance.to(y_g.dtype)
         return (1 - d) * y_g[:, :, None, None] + d * y_l[:, :, None, None]
 
-    def image_features(self, images: torch.Tensor, rois: torch.Tensor | None) -> torch.Tensor:
-        """Eq. 6: F = sum over [F_raw, F_roi^1..K] of Q (.) features, (N, H); the raw embedding alone if not fused."""
-        raw = self.image_proj(self.image_encoder(images))
-        if not self.variant.fused_features:
-            return raw
-        n, k = rois.shape[:2]
-        roi = self.roi_proj(self.roi_encoder(rois.flatten(0, 1))).view(n, k, -1)
+    def image_features(self, images: torch.Tensor, dcg: DCGOutput | None) -> torch.Tensor:
+        """Eq. 6: F = sum over [F_raw, F_roi^1..K] of Q (.) features, (N, H); the raw embedding alone if not fused.
+
+        The raw and ROI features come from F's own encoders, or (``feature_encoders=dcg``) from the DCG's."""
+        if self.shared_encoders:
+            raw, roi = self.image_proj(dcg.global_features), self.roi_proj(dcg.roi_features)
+        else:
+            raw = self.image_proj(self.image_encoder(images))
+            if not self.variant.fused_features:
+                return raw
+            n, k = dcg.rois.shape[:2]
+            roi = self.roi_proj(self.roi_encoder(dcg.rois.flatten(0, 1))).view(n, k, -1)
         return (self.fusion.t() * torch.cat([raw[:, None], roi], dim=1)).sum(1)
 
     def condition(self, images: torch.Tensor) -> Conditioning:
         out = None
         if self.dcg is not None:
             with torch.no_grad():
-                out = self.dcg(images, local=self.variant.needs_local_prior, rois=self.variant.fused_features)
-        return Conditioning(self.image_features(images, out.rois if out is not None else None),
-                            self.guidance_map(out) if out is not None else None)
+                out = self.dcg(images, local=self.variant.needs_local_prior or self.shared_encoders,
+                               rois=self.variant.fused_features)
+        return Conditioning(self.image_features(images, out), self.guidance_map(out) if out is not None else None)
 
     # --- training (Algorithm 1) ------------------------------------------------------------------------
     def train_timesteps(self, n: int, device: torch.device) -> torch.Tensor:
@@ -533,10 +557,12 @@ class DiffMICv2(ClassifierMethod):
 
         Each encoder run counts one (DCG global encoder, DCG local encoder over the K ROIs in one batch, the
         raw-image transformer, the ROI CNN over the K ROIs), once per image; then steps x n_samples denoiser
-        evaluations. The full method with the defaults: 4 + 10 = 14. c1 is one classifier pass.
+        evaluations. The full method with the defaults: 4 + 10 = 14 (2 + 10 with ``feature_encoders=dcg``).
+        c1 is one classifier pass.
         """
         v = self.variant
         if not v.diffusion:
             return 1.0
-        encoders = 1 + int(v.fused_features) + int(v.needs_dcg) + int(v.needs_local_prior)
+        own = 0 if self.shared_encoders else 1 + int(v.fused_features)
+        encoders = own + int(v.needs_dcg) + int(v.needs_local_prior or self.shared_encoders)
         return float(encoders + self.params.inference_steps * self.params.n_samples)

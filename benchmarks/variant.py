@@ -1,0 +1,106 @@
+"""A method of the full benchmark rerun with changed options, on the same protocol, against its recorded runs.
+
+For each seed, the full benchmark's record of ``--method`` (``benchmarks/results/full/<dataset>/runs/<method>-sN``)
+gives the run's config; the ``--set`` overrides change it, and the variant is trained (resumed after a kill, or
+read back from its own record) in the work folder. It is compared on the same test images with the recorded
+method and with the recorded baseline: mean +- std over seeds, each seed's 95% bootstrap CI, paired bootstrap
+per seed, cost. The variant's records go to ``<out>/<dataset>/variants/<tag>/runs/`` and its table to
+``<out>/<dataset>/variants/<tag>.{json,md}``. One process per seed runs them in parallel; ``--finished-only``
+then writes the table from every finished seed.
+
+    python benchmarks/variant.py --dataset retinamnist --method diffmic_v2 --tag dcg-features \\
+        --set method.params.feature_encoders=dcg --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from diffmed.bench import (RUN_RECORD, cost_ratio, dataset_overrides, fmt, keep_record, markdown_table, paired,
+                           per_seed_ci, pvalue_cells, restore_records, run_or_resume, summarize, write_results)
+from diffmed.config import load_config
+
+PAIRED = ("acc", "balanced_acc", "f1_macro", "auc")
+METRICS = (*PAIRED, "ece")
+DONE = "metrics.json"
+
+
+def recorded(args: argparse.Namespace, method: str, seed: int) -> Path:
+    return args.out / args.dataset / "runs" / f"{method}-s{seed}"
+
+
+def variant_dir(args: argparse.Namespace, seed: int) -> tuple[Path, Path]:
+    """(work folder, record) of the variant's run for ``seed``."""
+    name = Path(args.dataset) / "variants" / args.tag / "runs" / f"{args.method}-s{seed}"
+    return args.work / name, args.out / name
+
+
+def run_variant(args: argparse.Namespace, seed: int) -> None:
+    source = recorded(args, args.method, seed) / "config.yaml"
+    if not source.is_file():
+        raise SystemExit(f"no recorded run {source.parent}: run benchmarks/full.py --datasets {args.dataset} first")
+    cfg = load_config(source, [*dataset_overrides(args.dataset, args.data_dir), *args.set])
+    run_dir, record = variant_dir(args, seed)
+    run_or_resume(cfg, run_dir)
+    keep_record(run_dir, record, RUN_RECORD, DONE)
+
+
+def table(args: argparse.Namespace, seeds: list[int]) -> tuple[dict, str]:
+    def read(dirs):
+        return [json.loads((d / DONE).read_text()) for d in dirs]
+
+    label = f"{args.method} ({args.tag})"
+    dirs = {"baseline": [recorded(args, "baseline", s) for s in seeds],
+            args.method: [recorded(args, args.method, s) for s in seeds],
+            label: [variant_dir(args, s)[0] for s in seeds]}
+    summary = {arm: summarize(read(d), METRICS) for arm, d in dirs.items()}
+    base = summary["baseline"]
+    rows = [[arm, *(fmt(s[m]) for m in METRICS), per_seed_ci(s, "f1_macro"),
+             cost_ratio(s, base, "infer_seconds_per_image"), cost_ratio(s, base, "forward_passes_per_image"),
+             f"{s['cost'].get('train_seconds', float('nan')) + s['cost'].get('stage_seconds', 0):.0f}"]
+            for arm, s in summary.items()]
+    versus = {ref: paired(dirs[label], dirs[ref], PAIRED, args.n_boot) for ref in (args.method, "baseline")}
+    md = [f"# {label} on {args.dataset}: {' '.join(args.set)}\n",
+          f"Seeds {seeds}; the baseline and {args.method} rows are the full benchmark's recorded runs of the same "
+          "seeds, the variant is their config with the overrides above.\n",
+          markdown_table(["arm", *METRICS, "macro-F1 95% CI per seed", "s / image (x baseline)",
+                          "forward passes / image (x baseline)", "train s (with stages)"], rows),
+          "Paired bootstrap of the variant against each reference, per seed (diff, p):\n",
+          markdown_table(["variant minus", *PAIRED], [[ref, *pvalue_cells(c, PAIRED)] for ref, c in versus.items()])]
+    return {"seeds": seeds, "summaries": summary, "paired": versus}, "\n".join(md)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", required=True, help="a dataset of the full benchmark (e.g. retinamnist, ham10000)")
+    ap.add_argument("--method", required=True, help="the recorded method whose runs are varied")
+    ap.add_argument("--tag", required=True, help="short name of the variant (folder and table names)")
+    ap.add_argument("--set", nargs="+", required=True, help="key=value config overrides that make the variant")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--finished-only", action="store_true", help="train nothing; table from the finished seeds")
+    ap.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples")
+    ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "full")
+    ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "benchmark-full")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    variants = Path(args.dataset) / "variants" / args.tag / "runs"
+    restore_records(args.out / variants, args.work / variants, "*-s*", DONE)
+    if not args.finished_only:
+        for seed in args.seeds:
+            run_variant(args, seed)
+    seeds = [s for s in args.seeds if (variant_dir(args, s)[0] / DONE).is_file()]
+    if not seeds:
+        raise SystemExit(f"no finished {args.tag} run of {args.method} on {args.dataset} for seeds {args.seeds}")
+    results, md = table(args, seeds)
+    results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    write_results(args.out / args.dataset / "variants", args.tag, results, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
