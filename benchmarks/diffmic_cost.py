@@ -8,8 +8,8 @@ K ROIs, the raw-image transformer and the ROI CNN of F, the label UNet over the 
 
     python benchmarks/diffmic_cost.py --image-size 28 --channels 1 --classes 2
     python benchmarks/diffmic_cost.py --image-size 64 --channels 3 --classes 7 --set global_backbone=resnet10t
-    python benchmarks/diffmic_cost.py --image-size 64 --channels 3 --classes 7 --set feature_encoders=dcg \
-        --tag shared
+    python benchmarks/diffmic_cost.py --image-size 64 --channels 3 --classes 7 --batch-size 64 \
+        --set feature_encoders=own --tag own     # and feature_encoders=dcg --tag dcg
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def components(method, images: torch.Tensor) -> dict:
 
     rows = {
         "DCG global encoder + saliency + ROI crops": lambda: dcg(images, local=False, rois=True),
-        f"DCG local encoder ({p.num_rois} ROIs) + attention": lambda: dcg.local_logits(rois),
+        f"DCG local encoder ({p.num_rois} ROIs) + attention": lambda: dcg.local_logits(dcg.roi_embeddings(rois)),
     }
     if method.shared_encoders:
         out = dcg(images)

@@ -116,8 +116,9 @@ class DCG(nn.Module):
         boxes = top_k_boxes(self.roi_scores(saliency.detach()), self.num_rois, images.shape[-2:], self.roi_size)
         return crop_windows(images, boxes, self.roi_size), boxes
 
-    def local_logits(self, rois: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
-        z, _ = self.attention(self.roi_embeddings(rois) if embeddings is None else embeddings)
+    def local_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(N, K, M) crop embeddings -> (N, C) logits of the attention-pooled crops."""
+        z, _ = self.attention(embeddings)
         return self.local_head(z)
 
     def forward(self, images: torch.Tensor, local: bool = True, rois: bool = True) -> DCGOutput:
@@ -130,5 +131,5 @@ class DCG(nn.Module):
             out.rois, out.boxes = self.crop(images, saliency)
         if local:
             out.roi_features = self.roi_embeddings(out.rois)
-            out.local_logits = self.local_logits(out.rois, out.roi_features)
+            out.local_logits = self.local_logits(out.roi_features)
         return out
