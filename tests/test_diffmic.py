@@ -304,6 +304,24 @@ def test_logits_match_the_predicted_probabilities_and_spread():
     assert (spread == 0).all() and one_chain.shape == (3, 2)
 
 
+def test_logits_readout_keeps_the_ranking_the_clamp_ties():
+    spec = TaskSpec("multiclass", ["a", "b", "c"], 1, 28)
+    y0 = torch.tensor([[0.9, 0.2, -0.3], [0.7, 0.4, -0.1], [0.1, 1.0, 0.05]])
+    clamped = make(spec).readout(y0)
+    assert clamped[0, 2] / clamped[0].sum() == clamped[1, 2] / clamped[1].sum()  # class c tied at the floor
+    m = make(spec, readout="logits")
+    probs = m.readout(y0)
+    torch.testing.assert_close(probs, y0.softmax(1))
+    assert probs[1, 2] > probs[0, 2]  # -0.1 ranks above -0.3
+    assert (probs.argmax(1) == clamped.argmax(1)).all()
+    labels = make(MULTILABEL, readout="logits").readout(y0)
+    torch.testing.assert_close(labels, torch.sigmoid(y0 - 0.5))
+    x = batch_of(pneumonia("val", 4), BINARY)["image"]
+    binary = _trained_a_little(BINARY, pneumonia("train", 16), readout="logits", n_samples=2)
+    mean, _ = binary.predict_with_uncertainty(x)
+    torch.testing.assert_close(binary.predict_logits(x).softmax(1), mean)
+
+
 def test_multilabel_targets_are_label_vectors_and_logits_are_per_label():
     ds = multilabel(16, 0)
     m = _trained_a_little(MULTILABEL, ds)
@@ -412,6 +430,10 @@ def test_engine_run_trains_the_dcg_stage_and_reloads(tmp_path, tiny_pneumonia):
     assert default["auc"] == pytest.approx(metrics["test"]["auc"], abs=1e-6)  # the default setting is the run itself
     assert len(swept) == 6 and swept["per-image noise, 1 chain, 10 steps"]["test"] != default
     assert swept["DCG prior M alone"].keys() == {"train", "val", "test"}
+    readouts = load_benchmark("diffmic_readout").compare(run_dir, n_boot=50)["readouts"]
+    assert readouts["clamped"]["test"]["auc"] == pytest.approx(metrics["test"]["auc"])  # the run's own readout
+    assert readouts["logits"]["test"]["acc"] == readouts["clamped"]["test"]["acc"]  # same argmax
+    assert (run_dir / "readouts" / "logits" / "predictions.csv").is_file()
     cache = run_dir / "sweep.json"  # a cache from before the training-split check gains only that split
     old = json.loads(cache.read_text())
     del old["DCG prior M alone"]["train"]

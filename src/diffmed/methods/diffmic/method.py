@@ -119,7 +119,12 @@ class DiffMICParams(BaseParams):
     dcg_lr: float | None = Field(None, gt=0)
     """Learning rate of the DCG stage (default: optim.lr; the paper: 2e-4 with Adam)."""
     prob_floor: float = Field(1e-4, gt=0, lt=0.5)
-    """Predicted probabilities are clamped to [floor, 1 - floor] before turning them into logits."""
+    """``readout=clamped``: the label vector is clamped to [floor, 1 - floor] before turning it into logits."""
+    readout: Literal["clamped", "logits"] = "clamped"
+    """How a chain's denoised label vector y_0 becomes class probabilities. ``clamped`` (the paper): y_0 itself,
+    clamped at ``prob_floor`` and renormalised; every class below the floor gets the same score, so its one-vs-rest
+    ranking (AUC) is lost among those images. ``logits``: y_0 as logits (softmax; sigmoid of y_0 - 0.5 per
+    label), whose scale the engine's validation temperature sets; no ties, and the argmax is the same."""
     seed: int = 0
     """Seed of the sampling noise: the same image always gets the same prediction."""
     start: Literal["shared", "per_image"] = "shared"
@@ -385,7 +390,7 @@ class DiffMICv2(ClassifierMethod):
 
     # --- conditions: computed once per image ---------------------------------------------------------
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(logits) if self.spec.multilabel else torch.softmax(logits, dim=1)
+        return torch.sigmoid(logits) if self.spec.multilabel else torch.softmax(logits, dim=-1)
 
     def guidance_map(self, out: DCGOutput) -> torch.Tensor | None:
         """Eq. 5: M = (1 - D) y_g + D y_l, (N, C, Np, Np); y_g (c3) or y_l (c4) alone fill every point."""
@@ -511,9 +516,15 @@ class DiffMICv2(ClassifierMethod):
             out = self.sampler.step(pred, t, z, eta=self.params.eta, **extra)
             z = out.prev_sample
             if trajectory is not None:
-                trajectory.append(self._normalise((out.pred_original_sample + base).mean((2, 3)).view(n, s, c)))
+                trajectory.append(self._clamped((out.pred_original_sample + base).mean((2, 3)).view(n, s, c)))
         y0 = (z + base).mean((2, 3)).view(n, s, c)
-        return self._normalise(y0)
+        return self.readout(y0)
+
+    def readout(self, y0: torch.Tensor) -> torch.Tensor:
+        """Denoised label vectors (..., C) -> class or label probabilities (``params.readout``)."""
+        if self.params.readout == "clamped":
+            return self._clamped(y0)
+        return self._probs(y0 - 0.5 if self.spec.multilabel else y0)
 
     def chain_noise(self, images: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """(N, *shape) standard normal noise: per image, seeded by ``params.seed`` and the image's bytes, or one
@@ -526,7 +537,7 @@ class DiffMICv2(ClassifierMethod):
                  for x in pixels]
         return torch.stack(draws).to(images.device)
 
-    def _normalise(self, y: torch.Tensor) -> torch.Tensor:
+    def _clamped(self, y: torch.Tensor) -> torch.Tensor:
         floor = self.params.prob_floor
         if self.spec.multilabel:
             return y.clamp(floor, 1 - floor)

@@ -1,0 +1,88 @@
+"""DiffMIC-v2's readout on the same trained weights: how a denoised label vector y_0 becomes probabilities.
+
+``clamped`` (the paper's) clamps y_0 at a floor and renormalises, so every class below the floor scores the same
+and its one-vs-rest ranking is lost; ``logits`` reads y_0 as logits (``method.params.readout``). Both keep the
+argmax, so they differ in AUC and calibration. For every finished DiffMIC-v2 run given (its weights in
+``model/``), each readout gets its own validation temperature and is scored on the run's test split; the two are
+compared on the same test images (paired bootstrap, logits minus clamped). Each readout's evaluation is written
+to ``<run>/readouts/<readout>/``; the table to ``--out``/``--name``.{json,md}.
+
+    python benchmarks/diffmic_readout.py benchmarks/work/benchmark-full/ham10000/variants/dcg-features/runs/diffmic_v2-s1
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from diffmed.bench import markdown_table, trained_run, write_results
+from diffmed.engine.checkpoint import atomic_write_json
+from diffmed.engine.data import make_datamodule
+from diffmed.engine.evaluate import evaluate_split, write_test_results
+from diffmed.engine.inference import collect_outputs
+from diffmed.evaluation.compare import compare_runs
+
+READOUTS = ("clamped", "logits")
+METRICS = ("acc", "f1_macro", "auc", "ece")
+PAIRED = ("auc", "f1_macro")
+
+
+def evaluate_readout(run_dir: Path, readout: str) -> tuple[Path, dict]:
+    """Calibrate ``readout`` on the run's validation split, score it on test; (evaluation folder, metrics)."""
+    method, meta, cfg, data = trained_run(run_dir)
+    if meta["method"] != "diffmic_v2":
+        raise SystemExit(f"{run_dir} is a '{meta['method']}' run; this benchmark reads DiffMIC-v2 runs")
+    method.params.readout = readout
+    dm = make_datamodule(cfg, data)
+    val = evaluate_split(method, dm.eval_loader("val"), data.spec)
+    test = collect_outputs(method, dm.eval_loader("test"))
+    out_dir = run_dir / "readouts" / readout
+    atomic_write_json(out_dir / "model" / "model.json",
+                      {**meta, "params": method.params.model_dump(mode="json"), "temperature": val["temperature"],
+                       "thresholds": val["thresholds"]})
+    cost = {"infer_seconds_per_image": test.seconds_per_image}
+    return out_dir, write_test_results(out_dir, cfg, data.spec, data.sets["test"], test, val, cost)
+
+
+def compare(run_dir: Path, n_boot: int) -> dict:
+    folders, results = {}, {}
+    for readout in READOUTS:
+        folders[readout], results[readout] = evaluate_readout(run_dir, readout)
+    diff = compare_runs(folders["logits"], folders["clamped"], metrics=PAIRED, n_boot=n_boot)
+    diff.pop("markdown")
+    return {"run": str(run_dir), "dataset": results["clamped"]["dataset"], "seed": results["clamped"]["seed"],
+            "readouts": {r: {"val": res["val"], "test": res["test"], "temperature": res["temperature"]}
+                         for r, res in results.items()},
+            "logits_minus_clamped": diff["metrics"]}
+
+
+def table(runs: list[dict]) -> str:
+    header = ["run", "readout", *(f"val {m}" for m in ("auc", "f1_macro")), *(f"test {m}" for m in METRICS),
+              "temperature", "test diff logits - clamped"]
+    rows = []
+    for r in runs:
+        diff = "; ".join(f"{m} {r['logits_minus_clamped'][m]['diff']:+.3f} (p={r['logits_minus_clamped'][m]['p_value']:.3f})"
+                         for m in PAIRED)
+        for readout, res in r["readouts"].items():
+            rows.append([Path(r["run"]).name if readout == READOUTS[0] else "", readout,
+                         *(f"{res['val'][m]:.3f}" for m in ("auc", "f1_macro")),
+                         *(f"{res['test'][m]:.3f}" for m in METRICS), f"{res['temperature']:.3g}",
+                         diff if readout == "logits" else ""])
+    return markdown_table(header, rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", type=Path, nargs="+", help="finished DiffMIC-v2 run folders with their weights")
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "diffmic")
+    ap.add_argument("--name", default="readout")
+    args = ap.parse_args()
+    runs = [compare(run, args.n_boot) for run in args.runs]
+    md = ("Same weights, two readouts; each readout's temperature is fitted on validation. Runs: "
+          + ", ".join(f"{r['dataset']} seed {r['seed']}" for r in runs) + ".\n\n" + table(runs))
+    write_results(args.out, args.name, {"runs": runs}, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
