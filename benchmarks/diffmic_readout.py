@@ -7,7 +7,9 @@ argmax, so they differ in AUC and calibration. For every finished DiffMIC-v2 run
 compared on the same test images (paired bootstrap, logits minus clamped). Each readout's evaluation is written
 to ``<run>/readouts/<readout>/``; the table to ``--out``/``--name``.{json,md}.
 
-    python benchmarks/diffmic_readout.py benchmarks/work/benchmark-full/ham10000/variants/dcg-features/runs/diffmic_v2-s1
+    python benchmarks/diffmic_readout.py \
+        benchmarks/work/benchmark-full/retinamnist/variants/readout-logits/runs/diffmic_v2-s[012] \
+        benchmarks/work/benchmark-full/ham10000/variants/dcg-features/runs/diffmic_v2-s[12]
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ PAIRED = ("auc", "f1_macro")
 
 def evaluate_readout(run_dir: Path, readout: str) -> tuple[Path, dict]:
     """Calibrate ``readout`` on the run's validation split, score it on test; (evaluation folder, metrics)."""
+    if not (run_dir / "model" / "model.safetensors").is_file():
+        raise SystemExit(f"{run_dir} has no weights in model/ (a record restored from git keeps none): train it again")
     method, meta, cfg, data = trained_run(run_dir)
     if meta["method"] != "diffmic_v2":
         raise SystemExit(f"{run_dir} is a '{meta['method']}' run; this benchmark reads DiffMIC-v2 runs")
@@ -43,13 +47,21 @@ def evaluate_readout(run_dir: Path, readout: str) -> tuple[Path, dict]:
     return out_dir, write_test_results(out_dir, cfg, data.spec, data.sets["test"], test, val, cost)
 
 
+def variant_tag(run_dir: Path) -> str:
+    """The variant a run of ``benchmarks/variant.py`` belongs to (``.../variants/<tag>/runs/<run>``), else its name."""
+    parts = run_dir.resolve().parts
+    return parts[-3] if len(parts) > 3 and parts[-4] == "variants" else run_dir.name
+
+
 def compare(run_dir: Path, n_boot: int) -> dict:
     folders, results = {}, {}
     for readout in READOUTS:
         folders[readout], results[readout] = evaluate_readout(run_dir, readout)
     diff = compare_runs(folders["logits"], folders["clamped"], metrics=PAIRED, n_boot=n_boot)
     diff.pop("markdown")
-    return {"run": str(run_dir), "dataset": results["clamped"]["dataset"], "seed": results["clamped"]["seed"],
+    first = results["clamped"]
+    return {"run": "/".join(run_dir.resolve().parts[-5:]), "dataset": Path(first["dataset"]).stem,
+            "seed": first["seed"], "tag": variant_tag(run_dir),
             "readouts": {r: {"val": res["val"], "test": res["test"], "temperature": res["temperature"]}
                          for r, res in results.items()},
             "logits_minus_clamped": diff["metrics"]}
@@ -60,10 +72,10 @@ def table(runs: list[dict]) -> str:
               "temperature", "test diff logits - clamped"]
     rows = []
     for r in runs:
-        diff = "; ".join(f"{m} {r['logits_minus_clamped'][m]['diff']:+.3f} (p={r['logits_minus_clamped'][m]['p_value']:.3f})"
-                         for m in PAIRED)
+        d = r["logits_minus_clamped"]
+        diff = "; ".join(f"{m} {d[m]['diff']:+.3f} (p={d[m]['p_value']:.3f})" for m in PAIRED)
         for readout, res in r["readouts"].items():
-            rows.append([Path(r["run"]).name if readout == READOUTS[0] else "", readout,
+            rows.append([f"{r['dataset']} s{r['seed']} ({r['tag']})" if readout == READOUTS[0] else "", readout,
                          *(f"{res['val'][m]:.3f}" for m in ("auc", "f1_macro")),
                          *(f"{res['test'][m]:.3f}" for m in METRICS), f"{res['temperature']:.3g}",
                          diff if readout == "logits" else ""])
@@ -79,7 +91,7 @@ def main() -> None:
     args = ap.parse_args()
     runs = [compare(run, args.n_boot) for run in args.runs]
     md = ("Same weights, two readouts; each readout's temperature is fitted on validation. Runs: "
-          + ", ".join(f"{r['dataset']} seed {r['seed']}" for r in runs) + ".\n\n" + table(runs))
+          + ", ".join(r["run"] for r in runs) + ".\n\n" + table(runs))
     write_results(args.out, args.name, {"runs": runs}, md)
     print(md)
 
