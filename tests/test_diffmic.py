@@ -257,7 +257,8 @@ def test_chain_noise_is_per_image_unless_shared():
 
 
 def test_sample_prediction_starts_from_the_dcg_prior_and_trains():
-    m = make(prediction="sample").eval()  # zero-initialised output: the residual y_0 - M is predicted as 0
+    # zero-initialised output: the residual y_0 - M is predicted as 0, so the label vector read as is equals M
+    m = make(prediction="sample", readout="clamped").eval()
     x = batch_of(pneumonia("val", 4), BINARY)["image"]
     prior = m.condition(x).prior.mean((2, 3))
     torch.testing.assert_close(m.sample(x)[:, 0], prior / prior.sum(1, keepdim=True))
@@ -307,7 +308,7 @@ def test_logits_match_the_predicted_probabilities_and_spread():
 def test_logits_readout_keeps_the_ranking_the_clamp_ties():
     spec = TaskSpec("multiclass", ["a", "b", "c"], 1, 28)
     y0 = torch.tensor([[0.9, 0.2, -0.3], [0.7, 0.4, -0.1], [0.1, 1.0, 0.05]])
-    clamped = make(spec).readout(y0)
+    clamped = make(spec, readout="clamped").readout(y0)
     assert clamped[0, 2] / clamped[0].sum() == clamped[1, 2] / clamped[1].sum()  # class c tied at the floor
     m = make(spec, readout="logits")
     probs = m.readout(y0)
@@ -425,13 +426,19 @@ def test_engine_run_trains_the_dcg_stage_and_reloads(tmp_path, tiny_pneumonia):
     x = torch.randn(3, 1, 28, 28)
     again, _, _ = load_trained(run_dir)
     torch.testing.assert_close(method.predict_logits(x), again.predict_logits(x))
+    model_json = run_dir / "model" / "model.json"  # a model saved before the readout option keeps its own
+    saved = json.loads(model_json.read_text())
+    del saved["params"]["readout"]
+    model_json.write_text(json.dumps(saved))
+    assert load_trained(run_dir)[0].params.readout == "clamped"
+    model_json.write_text(json.dumps(meta))
     swept = load_benchmark("diffmic").sweep_run(run_dir)  # re-read under other inference settings
     default = swept["shared noise, 1 chain, 10 steps (default)"]["test"]
     assert default["auc"] == pytest.approx(metrics["test"]["auc"], abs=1e-6)  # the default setting is the run itself
     assert len(swept) == 6 and swept["per-image noise, 1 chain, 10 steps"]["test"] != default
     assert swept["DCG prior M alone"].keys() == {"train", "val", "test"}
     readouts = load_benchmark("diffmic_readout").compare(run_dir, n_boot=50)["readouts"]
-    assert readouts["clamped"]["test"]["auc"] == pytest.approx(metrics["test"]["auc"])  # the run's own readout
+    assert readouts["logits"]["test"]["auc"] == pytest.approx(metrics["test"]["auc"])  # the run's own readout
     assert readouts["logits"]["test"]["acc"] == readouts["clamped"]["test"]["acc"]  # same argmax
     assert (run_dir / "readouts" / "logits" / "predictions.csv").is_file()
     cache = run_dir / "sweep.json"  # a cache from before the training-split check gains only that split

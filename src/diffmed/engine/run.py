@@ -20,7 +20,7 @@ from diffmed.engine.inference import collect_outputs
 from diffmed.engine.seed import seed_all
 from diffmed.engine.trainer import CKPT_DIR, build_trainer, training_clock
 from diffmed.errors import RunError
-from diffmed.methods import StageContext, create_method, method_params
+from diffmed.methods import StageContext, create_method, method_params, saved_method_params
 
 log = logging.getLogger("diffmed.engine")
 CONFIG_FILE = "config.yaml"
@@ -176,7 +176,8 @@ def load_trained(run_dir: Path, device: torch.device | None = None):
     meta = read_model_meta(run_dir)
     cfg = load_config(Path(run_dir) / CONFIG_FILE)
     spec = TaskSpec.from_dict(meta)
-    method = create_method(meta["method"], spec, meta["params"], cfg.optim, meta["max_epochs"], None)
+    params = saved_method_params(meta["method"], meta["params"])
+    method = create_method(meta["method"], spec, params, cfg.optim, meta["max_epochs"], None)
     missing, unexpected = method.load_state_dict(load_state(run_dir), strict=False)
     if unexpected or [k for k in missing if not k.endswith("class_weights")]:
         raise RunError(f"weights in '{run_dir}/model' do not match method '{meta['method']}' "

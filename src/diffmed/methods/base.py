@@ -33,6 +33,10 @@ class BaseParams(BaseModel):
     balanced_sampler: bool = False
     """Draw training batches with equal expected share per class."""
 
+    saved_defaults: ClassVar[dict[str, Any]] = {}
+    """Former defaults of options whose default changed: a saved model whose options lack one was trained and
+    calibrated with this value, so it is loaded with it (``saved_method_params``)."""
+
 
 @dataclass
 class StageContext:

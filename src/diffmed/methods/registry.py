@@ -28,3 +28,8 @@ def method_params(name: str, params: dict[str, Any]):
 def create_method(name: str, spec: TaskSpec, params: dict[str, Any], optim: OptimConfig, max_epochs: int,
                   class_counts: np.ndarray | None = None):
     return METHODS.get(name)(spec, method_params(name, params), optim, max_epochs, class_counts)
+
+
+def saved_method_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A saved model's options: ``params`` over the former defaults of the options it predates."""
+    return {**METHODS.get(name).Params.saved_defaults, **params}
