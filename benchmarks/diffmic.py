@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from diffmed.bench import (RUN_RECORD, cost_ratio, dataset_overrides, fmt, keep_record, markdown_table, mean_std,
-                           paired, per_seed_ci, pvalue_cells, restore_records, run_or_resume, summarize, trained_run,
+                           paired, per_seed_ci, pvalue_cells, restore_records, run_or_resume, summarize, weighted_run,
                            write_results)
 from diffmed.engine.checkpoint import atomic_write_json
 from diffmed.methods.diffmic.method import DCG_WEIGHTS, VARIANTS
@@ -112,12 +112,7 @@ def run(args: argparse.Namespace, dataset: str, tag: str, epochs: int, seed: int
     return metrics, run_dir
 
 
-def weighted_run(run_dir: Path, needs: str) -> tuple:
-    """``trained_run``, or a clear stop where the folder holds a record but no weights."""
-    if not (run_dir / "model" / "model.safetensors").is_file():
-        raise SystemExit(f"{run_dir} holds a record without the weights that {needs} reads: delete that folder "
-                         f"and its record under --out/records to train it again")
-    return trained_run(run_dir)
+RETRAIN = "delete that folder and its record under --out/records to train it again"
 
 
 def method_rows(name: str, s: dict, base: dict) -> list[str]:
@@ -173,7 +168,7 @@ def prior_alone(run_dir: Path) -> dict:
     """Test metrics of the DCG prior M alone (kept in the run folder: computed once, while the weights exist)."""
     cache = run_dir / PRIOR_ALONE
     if not cache.is_file():
-        method, _, cfg, data = weighted_run(run_dir, "the DCG prior's metrics")
+        method, _, cfg, data = weighted_run(run_dir, "the DCG prior's metrics", RETRAIN)
         atomic_write_json(cache, split_metrics(method, cfg, data, "test", prior_only=True))
     return json.loads(cache.read_text())
 
@@ -187,7 +182,7 @@ def sweep_run(run_dir: Path) -> dict[str, dict]:
     prior = out.get("DCG prior M alone", {})
     if out.keys() == kept and prior.keys() == set(PRIOR_SPLITS):
         return out
-    method, _, cfg, data = weighted_run(run_dir, "the inference sweep")
+    method, _, cfg, data = weighted_run(run_dir, "the inference sweep", RETRAIN)
     # the training split tells whether the frozen DCG memorised its images (then the denoiser learns to copy M)
     out["DCG prior M alone"] = {s: prior.get(s) or split_metrics(method, cfg, data, s, True) for s in PRIOR_SPLITS}
     default = method.params

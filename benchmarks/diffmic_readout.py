@@ -1,7 +1,7 @@
 """DiffMIC-v2's readout on the same trained weights: how a denoised label vector y_0 becomes probabilities.
 
-``clamped`` (the paper's) clamps y_0 at a floor and renormalises, so every class below the floor scores the same
-and its one-vs-rest ranking is lost; ``logits`` reads y_0 as logits (``method.params.readout``). Both keep the
+``clamped`` (the paper's) clamps y_0 at a floor and renormalises, so a class below the floor is ranked by the other
+classes' total, not by its own score; ``logits`` reads y_0 as logits (``method.params.readout``). Both keep the
 argmax, so they differ in AUC and calibration. For every finished DiffMIC-v2 run given (its weights in
 ``model/``), each readout gets its own validation temperature and is scored on the run's test split; the two are
 compared on the same test images (paired bootstrap, logits minus clamped). Each readout's evaluation is written
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffmed.bench import markdown_table, trained_run, write_results
+from diffmed.bench import markdown_table, weighted_run, write_results
 from diffmed.engine.checkpoint import atomic_write_json
 from diffmed.engine.data import make_datamodule
 from diffmed.engine.evaluate import evaluate_split, write_test_results
@@ -28,13 +28,9 @@ METRICS = ("acc", "f1_macro", "auc", "ece")
 PAIRED = ("auc", "f1_macro")
 
 
-def evaluate_readout(run_dir: Path, readout: str) -> tuple[Path, dict]:
+def evaluate_readout(trained: tuple, run_dir: Path, readout: str) -> tuple[Path, dict]:
     """Calibrate ``readout`` on the run's validation split, score it on test; (evaluation folder, metrics)."""
-    if not (run_dir / "model" / "model.safetensors").is_file():
-        raise SystemExit(f"{run_dir} has no weights in model/ (a record restored from git keeps none): train it again")
-    method, meta, cfg, data = trained_run(run_dir)
-    if meta["method"] != "diffmic_v2":
-        raise SystemExit(f"{run_dir} is a '{meta['method']}' run; this benchmark reads DiffMIC-v2 runs")
+    method, meta, cfg, data = trained
     method.params.readout = readout
     dm = make_datamodule(cfg, data)
     val = evaluate_split(method, dm.eval_loader("val"), data.spec)
@@ -54,9 +50,12 @@ def variant_tag(run_dir: Path) -> str:
 
 
 def compare(run_dir: Path, n_boot: int) -> dict:
+    trained = weighted_run(run_dir, "the readout comparison")
+    if trained[1]["method"] != "diffmic_v2":
+        raise SystemExit(f"{run_dir} is a '{trained[1]['method']}' run; this benchmark reads DiffMIC-v2 runs")
     folders, results = {}, {}
     for readout in READOUTS:
-        folders[readout], results[readout] = evaluate_readout(run_dir, readout)
+        folders[readout], results[readout] = evaluate_readout(trained, run_dir, readout)
     diff = compare_runs(folders["logits"], folders["clamped"], metrics=PAIRED, n_boot=n_boot)
     diff.pop("markdown")
     first = results["clamped"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import load_benchmark
+from diffmed import bench
 from diffmed.bench import FINISHED
 from diffmed.config import load_config, save_config
 
@@ -44,7 +45,7 @@ def fake_training(overrides, run_dir):
 
 def test_a_finished_run_keeps_its_prior_metrics_but_no_weights_and_is_read_back_without_them(args, monkeypatch):
     monkeypatch.setattr(dm, "run_or_resume", fake_training)
-    monkeypatch.setattr(dm, "trained_run", lambda run_dir: (None, None, None, None))
+    monkeypatch.setattr(bench, "trained_run", lambda run_dir: (None, None, None, None))
     monkeypatch.setattr(dm, "split_metrics", lambda *a, **k: PRIOR)
     metrics, run_dir = dm.run(args, "pneumoniamnist", "full", 8, 0)
     record = dm.record_of(args, run_dir)
@@ -54,7 +55,7 @@ def test_a_finished_run_keeps_its_prior_metrics_but_no_weights_and_is_read_back_
 
     shutil.rmtree(args.work)  # a new session: the work folder is gone, the committed records are not
     monkeypatch.undo()
-    monkeypatch.setattr(dm, "trained_run", refuse)
+    monkeypatch.setattr(bench, "trained_run", refuse)
     dm.restore_diffmic_records(args)
     again, _ = dm.run(args, "pneumoniamnist", "full", 8, 0)  # the real run_or_resume: finished, so read back
     assert again == metrics and dm.prior_alone(run_dir) == PRIOR
@@ -66,6 +67,6 @@ def test_a_record_without_weights_says_what_to_delete_when_a_sweep_needs_them(ar
     run_dir = dm.run_dir_of(args, "pneumoniamnist", "full", 8, 0)
     fake_training([], run_dir)
     (run_dir / "model" / "model.safetensors").unlink()
-    monkeypatch.setattr(dm, "trained_run", refuse)
+    monkeypatch.setattr(bench, "trained_run", refuse)
     with pytest.raises(SystemExit, match="full-e8-s0 holds a record without the weights that the inference sweep"):
         dm.sweep_run(run_dir)

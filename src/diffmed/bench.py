@@ -106,6 +106,13 @@ def trained_run(run_dir: Path) -> tuple:
     return method, meta, cfg, data
 
 
+def weighted_run(run_dir: Path, needs: str, fix: str = "train it again") -> tuple:
+    """``trained_run``, or a clear stop where the folder holds a record (which keeps no weights) but no weights."""
+    if not (run_dir / "model" / "model.safetensors").is_file():
+        raise SystemExit(f"{run_dir} holds a record without the weights that {needs} reads: {fix}")
+    return trained_run(run_dir)
+
+
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
     v = np.asarray(list(values), dtype=float)
     return float(np.nanmean(v)), float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0
