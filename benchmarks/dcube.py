@@ -100,8 +100,14 @@ def classifier_overrides(args: argparse.Namespace, dataset: str, seed: int) -> l
 
 
 def generator_params(args: argparse.Namespace, variant: str) -> dict:
+    lr = {"lr": args.gen_lr} if args.gen_lr else {}
     return {"backbone": args.gen_backbone, "size": args.gen_size, "use_contrastive": variant == "lgen",
-            "sample_every_n_epochs": None}
+            "sample_every_n_epochs": None, **lr}
+
+
+def generator_overrides(args: argparse.Namespace, dataset: str, seed: int) -> list[str]:
+    batch = [f"train.batch_size={args.gen_batch_size}"] if args.gen_batch_size else []
+    return [*data_overrides(args, dataset, seed, args.gen_epochs), *batch]
 
 
 def dcube_params(args: argparse.Namespace, options: dict, generator_run: Path) -> dict:
@@ -146,7 +152,7 @@ def generator(args: argparse.Namespace, dataset: str, seed: int, variant: str) -
         resume = (run_dir / "config.yaml").is_file()
         log.warning("%s generator %s", "resuming" if resume else "training", run_dir)
         os.environ.pop("DIFFMED_RUN_DIR", None)
-        cfg = None if resume else load_config(None, data_overrides(args, dataset, seed, args.gen_epochs))
+        cfg = None if resume else load_config(None, generator_overrides(args, dataset, seed))
         train_generator(cfg, run_dir, None if resume else generator_params(args, variant), resume=resume)
     keep(args, run_dir, GENERATOR_RECORD, GENERATOR_DONE)
     return run_dir
@@ -306,6 +312,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gen-epochs", type=int, default=200, help="step-1 generator epochs")
     ap.add_argument("--gen-backbone", default="uvit")
     ap.add_argument("--gen-size", default="small", help="tiny | small | base")
+    ap.add_argument("--gen-batch-size", type=int, default=None, help="generator batch (default: --batch-size)")
+    ap.add_argument("--gen-lr", type=float, default=None, help="generator learning rate (default: the generator's own)")
     ap.add_argument("--generators", type=Path, default=None,
                     help="reuse finished generators from this folder (lcont-sN / plain-sN, e.g. "
                          "benchmarks/work/rebalance/generators) instead of training them")
