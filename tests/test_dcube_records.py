@@ -113,3 +113,21 @@ def test_a_finished_generator_keeps_its_weights_and_a_new_work_folder_trains_on_
     with pytest.raises(Trained):  # the arm trains (refused here) on the restored generator, not a new one
         dc.run_arm(moved, DATASET, 0, "dcube")
     assert f"method.params.generator_run={json.dumps(str(own))}" in asked["overrides"]
+
+
+def test_generator_batch_and_lr_options_reach_the_generator_and_leave_the_classifiers_alone(tmp_path, shared_data,
+                                                                                          monkeypatch):
+    seen = {}
+
+    def record_training(cfg, run_dir, params, resume=False):
+        seen.update(batch=cfg.train.batch_size, params=params)
+        return fake_generator_training(cfg, run_dir, params, resume)
+
+    monkeypatch.setattr(dc, "train_generator", record_training)
+    args = dc.parse_args(["--datasets", DATASET, "--seeds", "1", "--gen-size", "tiny", "--gen-batch-size", "32",
+                          "--gen-lr", "5e-4", "--data-dir", str(shared_data), "--work", str(tmp_path / "work"),
+                          "--out", str(tmp_path / "out")])
+    dc.generator(args, DATASET, 0, "plain")
+    assert seen["batch"] == 32 and seen["params"]["lr"] == 5e-4 and not seen["params"]["use_contrastive"]
+    classifier = load_config(None, dc.arm_overrides(args, DATASET, 0, "t4_baseline", build=False))
+    assert classifier.train.batch_size == 64
