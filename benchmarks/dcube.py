@@ -87,10 +87,12 @@ def flat_params(params: dict, prefix: str = "method.params") -> list[str]:
     return out
 
 
-def data_overrides(args: argparse.Namespace, dataset: str, seed: int, epochs: int) -> list[str]:
+def data_overrides(args: argparse.Namespace, dataset: str, seed: int, epochs: int,
+                   batch: int | None = None) -> list[str]:
+    """The data and training options every run shares; ``batch`` (default ``--batch-size``): the generator's."""
     extra = [f"train.limit_train_batches={args.limit_train_batches}"] if args.limit_train_batches else []
     return [*dataset_overrides(dataset, args.data_dir), f"train.max_epochs={epochs}", f"train.seed={seed}",
-            f"train.batch_size={args.batch_size}", "train.progress=false", *extra, *args.set]
+            f"train.batch_size={batch or args.batch_size}", "train.progress=false", *extra, *args.set]
 
 
 def classifier_overrides(args: argparse.Namespace, dataset: str, seed: int) -> list[str]:
@@ -100,14 +102,9 @@ def classifier_overrides(args: argparse.Namespace, dataset: str, seed: int) -> l
 
 
 def generator_params(args: argparse.Namespace, variant: str) -> dict:
-    lr = {"lr": args.gen_lr} if args.gen_lr else {}
+    lr = {"lr": args.gen_lr} if args.gen_lr is not None else {}
     return {"backbone": args.gen_backbone, "size": args.gen_size, "use_contrastive": variant == "lgen",
             "sample_every_n_epochs": None, **lr}
-
-
-def generator_overrides(args: argparse.Namespace, dataset: str, seed: int) -> list[str]:
-    batch = [f"train.batch_size={args.gen_batch_size}"] if args.gen_batch_size else []
-    return [*data_overrides(args, dataset, seed, args.gen_epochs), *batch]
 
 
 def dcube_params(args: argparse.Namespace, options: dict, generator_run: Path) -> dict:
@@ -152,7 +149,8 @@ def generator(args: argparse.Namespace, dataset: str, seed: int, variant: str) -
         resume = (run_dir / "config.yaml").is_file()
         log.warning("%s generator %s", "resuming" if resume else "training", run_dir)
         os.environ.pop("DIFFMED_RUN_DIR", None)
-        cfg = None if resume else load_config(None, generator_overrides(args, dataset, seed))
+        cfg = None if resume else load_config(None, data_overrides(args, dataset, seed, args.gen_epochs,
+                                                                  args.gen_batch_size))
         train_generator(cfg, run_dir, None if resume else generator_params(args, variant), resume=resume)
     keep(args, run_dir, GENERATOR_RECORD, GENERATOR_DONE)
     return run_dir
