@@ -17,8 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
-from diffmed.bench import (RUN_RECORD, cost_ratio, dataset_overrides, fmt, keep_record, markdown_table, paired,
-                           per_seed_ci, pvalue_cells, restore_records, run_or_resume, summarize, write_results)
+from diffmed.bench import (GENERATOR_DONE, RUN_RECORD, cost_ratio, dataset_overrides, fmt, keep_record,
+                           markdown_table, paired, per_seed_ci, pvalue_cells, restore_records, run_or_resume,
+                           summarize, write_results)
 from diffmed.config import load_config
 
 PAIRED = ("acc", "balanced_acc", "f1_macro", "auc")
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     variants = Path(args.dataset) / "variants" / args.tag / "runs"
     restore_records(args.out / variants, args.work / variants, "*-s*", DONE)
+    # a recorded config's generator_run (D-Cube, rebalancing) points at the full benchmark's generator stage
+    stages = Path(args.dataset) / "stages"
+    restore_records(args.out / stages, args.work / stages, "generator-s*", GENERATOR_DONE)
     if not args.finished_only:
         for seed in args.seeds:
             run_variant(args, seed)

@@ -159,6 +159,22 @@ def test_head_resize_is_torch_bilinear_as_matrix_products(size):
     assert torch.allclose(resize_map(x, size), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("subfeatures", ["resnet18", None])
+def test_head_diffusion_channels_widen_m_and_each_channel_gets_every_subfeature_score(subfeatures, real_batch):
+    paper, wide = tiny_method(subfeatures=subfeatures), tiny_method(subfeatures=subfeatures, diffusion_channels=4)
+    x = real_batch[0][:4]
+    maps = list(paper.frozen.features(x, 100, layers=paper.layers).values())
+    assert paper.head.diffusion_map(maps).shape[1] == 1 and wide.head.diffusion_map(maps).shape[1] == 4
+    n_sub = 3 if subfeatures else 1
+    assert wide.head.convs[0].conv3.in_channels == 4 * n_sub and paper.head.convs[0].conv3.in_channels == n_sub
+    if subfeatures:  # channel k * 3 + j of the expansion is m's channel k times score j
+        m = wide.head.diffusion_map(maps)
+        f_sub = resize_map(wide.head.sub(x).float(), wide.head.size)
+        scores = wide.head.score(torch.cat([f_sub, m], 1)).sum((2, 3))
+        assert torch.allclose(wide.head.expand(m, x)[:, 5], m[:, 1] * scores[:, 2, None, None], atol=1e-5)
+    assert wide.logits_with(wide.head, x, None).shape == (4, 2)
+
+
 def test_cycle_loss_trains_the_head_and_not_the_frozen_model(real_batch):
     method = tiny_method()
     x, y = real_batch

@@ -67,3 +67,13 @@ def test_missing_records_and_unfinished_seeds_say_what_to_run(argv, tmp_path):
         variant.main([*argv[:-6], "--seeds", "1", *argv[-6:]])
     with pytest.raises(SystemExit, match="no finished dcg run"):
         variant.main([*argv, "--finished-only"])
+
+
+def test_the_recorded_generator_stage_is_put_back_where_recorded_configs_point(argv, tmp_path, monkeypatch):
+    """A D-Cube config's generator_run names the work folder's stage; a fresh machine has only the record."""
+    stage = Path("pneumoniamnist") / "stages" / "generator-s0"
+    shutil.copytree(RECORDS.parent / stage.relative_to("pneumoniamnist"), tmp_path / "out" / stage)
+    monkeypatch.setattr(variant, "run_or_resume", copy_of_recorded_method)
+    variant.main(argv)
+    restored = tmp_path / "work" / stage / "generator"
+    assert (restored / "model.json").is_file() and (restored / "model.safetensors").is_file()

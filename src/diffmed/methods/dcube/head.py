@@ -2,12 +2,13 @@
 
 1. The selected block outputs are cropped to the image area (the backbone's zero padding removed),
    resized to a common ``size`` x ``size`` grid, concatenated, standardised per channel (BatchNorm) and
-   reduced by a 1x1 convolution to a single-channel diffusion feature map ``m``.
+   reduced by a 1x1 convolution to the diffusion feature map ``m``: a single channel in the paper,
+   ``diffusion_channels`` here (default 1).
 2. Sub-features (optional): a timm CNN (fine-tuned with the head) gives ``f_sub``, projected to
    ``sub_channels`` (the paper: 3) maps; ``f_sub`` and ``m`` are concatenated and global-sum-pooled into
-   one score per channel, and ``m`` is multiplied by the scores: the single channel is expanded into
+   one score per sub-channel, and ``m`` is multiplied by the scores: each channel of ``m`` is expanded into
    ``sub_channels`` channels weighted by what the CNN finds important. Without sub-features ``m`` goes on
-   as one channel.
+   as it is.
 3. Three stages of parallel 3x3 and 5x5 convolutions (BatchNorm, ReLU), no pooling, the width
    shrinking stage by stage, then two fully connected layers give the logits.
 """
@@ -81,29 +82,30 @@ class DCubeHead(nn.Module):
     """Hyper-feature maps (+ the image, for sub-features) -> logits."""
 
     def __init__(self, in_channels: list[int], size: int, num_outputs: int, sub: SubFeatures | None = None,
-                 sub_channels: int = 3, width: int = 64, hidden: int = 256, dropout: float = 0.0) -> None:
+                 sub_channels: int = 3, width: int = 64, hidden: int = 256, dropout: float = 0.0,
+                 diffusion_channels: int = 1) -> None:
         super().__init__()
         self.size = size
         self.norm = nn.BatchNorm2d(sum(in_channels))
-        self.reduce = nn.Conv2d(sum(in_channels), 1, 1)
+        self.reduce = nn.Conv2d(sum(in_channels), diffusion_channels, 1)
         self.sub = sub
-        self.score = nn.Conv2d(sub_channels + 1, sub_channels, 1) if sub is not None else None
+        self.score = nn.Conv2d(sub_channels + diffusion_channels, sub_channels, 1) if sub is not None else None
         widths = [max(4, width >> i) for i in range(3)]
-        chans = [sub_channels if sub is not None else 1, *widths]
+        chans = [diffusion_channels * (sub_channels if sub is not None else 1), *widths]
         self.convs = nn.Sequential(*(MultiKernelBlock(chans[i], chans[i + 1]) for i in range(3)))
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(widths[-1] * size * size, hidden), nn.ReLU(inplace=True),
                                 nn.Dropout(dropout), nn.Linear(hidden, num_outputs))
 
     def diffusion_map(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        """The single-channel diffusion feature m, (N, 1, size, size)."""
+        """The diffusion feature m, (N, diffusion_channels, size, size)."""
         x = torch.cat([resize_map(m.float(), self.size) for m in maps], dim=1)
         return self.reduce(self.norm(x))
 
     def expand(self, m: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """m weighted by the sub-feature channel scores: (N, sub_channels, size, size)."""
+        """Each channel of m weighted by every sub-feature score: (N, diffusion_channels * sub_channels, size, size)."""
         f_sub = resize_map(self.sub(images).float(), self.size)
         scores = self.score(torch.cat([f_sub, m], dim=1)).sum(dim=(2, 3))  # global sum pooling
-        return m * scores[:, :, None, None]
+        return (m[:, :, None] * scores[:, None, :, None, None]).flatten(1, 2)
 
     def forward(self, maps: list[torch.Tensor], images: torch.Tensor | None = None) -> torch.Tensor:
         m = self.diffusion_map(maps)

@@ -106,6 +106,9 @@ class DCubeParams(BaseParams):
     subfeatures_pretrained: bool | str = False
     """False, True (timm hub weights, needs network) or a local weights file."""
     sub_channels: int = Field(3, ge=1)
+    diffusion_channels: int = Field(1, ge=1)
+    """Channels the selected hyper-features are reduced to before the conv stages. 1: the paper's single-channel
+    map m, a one-number-per-pixel bottleneck for every class; more keep more of the features for many classes."""
     feature_size: int | None = Field(None, ge=2)
     """Common side of the feature maps in the head (default: the largest selected map, at most 16)."""
     head_width: int = Field(64, ge=8)
@@ -177,7 +180,7 @@ class DCube(ClassifierMethod):
             sub = SubFeatures(p.subfeatures, spec.channels, spec.image_size, p.sub_channels,
                               p.subfeatures_pretrained) if p.subfeatures else None
             self.head = DCubeHead([s[0] for s in shapes.values()], size, spec.num_outputs, sub, p.sub_channels,
-                                  p.head_width, p.head_hidden, p.head_dropout)
+                                  p.head_width, p.head_hidden, p.head_dropout, p.diffusion_channels)
         self.ema_head = copy.deepcopy(self.head).requires_grad_(False).eval() if p.ema_decay else None
 
     def frozen_submodules(self) -> list[torch.nn.Module]:
