@@ -108,7 +108,8 @@ class DCubeParams(BaseParams):
     sub_channels: int = Field(3, ge=1)
     diffusion_channels: int = Field(1, ge=1)
     """Channels the selected hyper-features are reduced to before the conv stages. 1: the paper's single-channel
-    map m, a one-number-per-pixel bottleneck for every class; more keep more of the features for many classes."""
+    map m, one number per pixel for every class. 16 did not help on RetinaMNIST (5 classes, 3 seeds: macro-F1 0.248
+    against 0.271; ``benchmarks/results/full/retinamnist/variants/diffusion-channels-16.md``)."""
     feature_size: int | None = Field(None, ge=2)
     """Common side of the feature maps in the head (default: the largest selected map, at most 16)."""
     head_width: int = Field(64, ge=8)
