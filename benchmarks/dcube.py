@@ -21,6 +21,7 @@ benchmark that trained them, not here.
 
     python benchmarks/dcube.py --seeds 3 --epochs 50 --gen-epochs 200            # GPU, hours
     python benchmarks/dcube.py --ablation-only --seeds 3 --epochs 50 --gen-epochs 200
+    python benchmarks/dcube.py --ablation-only --finished-only ...   # Tables IV/VII of the runs finished so far
     # smoke check (minutes on CPU):
     python benchmarks/dcube.py --datasets pneumoniamnist --seeds 1 --epochs 1 --gen-epochs 1 \\
         --gen-size tiny --limit-train-batches 2 --ks-images 32 --skip-diffmic --set eval.bootstrap=50 \\
@@ -202,8 +203,18 @@ def arm_overrides(args: argparse.Namespace, dataset: str, seed: int, arm: str, b
     return overrides
 
 
-def arm_results(args: argparse.Namespace, dataset: str, arm: str) -> dict:
-    runs = [run_arm(args, dataset, seed, arm) for seed in range(args.seeds)]
+def finished_seeds(args: argparse.Namespace, dataset: str, arm: str) -> list[int]:
+    """Seeds of ``--seeds`` to report: all of them, or with ``--finished-only`` those whose run has finished."""
+    return [s for s in range(args.seeds)
+            if not args.finished_only or (args.work / dataset / f"{arm}-s{s}" / RUN_DONE).is_file()]
+
+
+def arm_results(args: argparse.Namespace, dataset: str, arm: str) -> dict | None:
+    """Summary and run folders of the arm over its seeds (None: ``--finished-only`` and no seed has finished)."""
+    seeds = finished_seeds(args, dataset, arm)
+    if not seeds:
+        return None
+    runs = [run_arm(args, dataset, seed, arm) for seed in seeds]
     return {"summary": summarize([m for m, _ in runs], METRICS), "dirs": [d for _, d in runs]}
 
 
@@ -224,11 +235,14 @@ MAIN_HEADER = ["method", "test ACC", "balanced ACC", "macro-F1", "test AUC", "AC
                "AUC 95% CI per seed", "forward passes / image (x baseline)", "s / image (x baseline)", "train s"]
 
 
+def train_seconds(s: dict, extra_seconds: float = 0.0) -> str:
+    return f"{s['cost'].get('train_seconds', float('nan')) + extra_seconds:.0f}"
+
+
 def main_row(name: str, s: dict, base: dict, extra_seconds: float = 0.0) -> list[str]:
-    train_s = s["cost"].get("train_seconds", float("nan")) + extra_seconds
     return [name, *(fmt(s[m]) for m in METRICS), per_seed_ci(s, "acc"), per_seed_ci(s, "auc"),
             cost_ratio(s, base, "forward_passes_per_image"), cost_ratio(s, base, "infer_seconds_per_image"),
-            f"{train_s:.0f}"]
+            train_seconds(s, extra_seconds)]
 
 
 def fig2(dataset: str, dcube_dir: Path, out: Path) -> tuple[str, dict]:
@@ -280,22 +294,37 @@ def compare_dataset(args: argparse.Namespace, dataset: str) -> tuple[dict, str]:
 
 def ablations(args: argparse.Namespace, dataset: str) -> tuple[dict, str]:
     """Table IV (cumulative components) and Table VII (input) on ``dataset``."""
-    needed = {arm for _, arm in TABLE_IV_ROWS + TABLE_VII_ROWS}
-    res = {arm: arm_results(args, dataset, arm) for arm in sorted(needed)}
-    versus_full = {arm: paired(res[arm]["dirs"], res["dcube"]["dirs"], METRICS, args.n_boot) for arm in needed if arm != "dcube"}
+    needed = sorted({arm for _, arm in TABLE_IV_ROWS + TABLE_VII_ROWS})
+    res = {arm: r for arm in needed if (r := arm_results(args, dataset, arm)) is not None}
+    if "dcube" not in res:
+        raise SystemExit(f"no finished full D-Cube run on {dataset} (dcube-sN in {args.work / dataset}): "
+                         "every ablation row is compared with it")
+    versus_full = {}
+    for arm in res.keys() - {"dcube"}:  # per seed, on the seeds both have finished
+        seeds = [s for s in finished_seeds(args, dataset, arm) if s in finished_seeds(args, dataset, "dcube")]
+        versus_full[arm] = paired([args.work / dataset / f"{arm}-s{s}" for s in seeds],
+                                  [args.work / dataset / f"dcube-s{s}" for s in seeds], METRICS, args.n_boot)
     full = res["dcube"]["summary"]
 
     def rows(table, paper=None):
         out = []
         for name, arm in table:
-            s = res[arm]["summary"]
-            p = pvalue_cells(versus_full[arm], METRICS) if arm in versus_full else ["—"] * len(METRICS)
-            row = [name, *(fmt(s[m]) for m in METRICS), p[0], p[3], cost_ratio(s, full, "infer_seconds_per_image")]
-            out.append(row + (["{:.2f} / {:.2f}".format(*paper[arm])] if paper else []))
+            if arm not in res:
+                out.append([name, *(["not finished"] * (len(METRICS) + 4))])
+            else:
+                s = res[arm]["summary"]
+                p = pvalue_cells(versus_full[arm], METRICS) if arm in versus_full else ["—"] * len(METRICS)
+                out.append([name, *(fmt(s[m]) for m in METRICS), p[0], p[3],
+                            cost_ratio(s, full, "infer_seconds_per_image"), train_seconds(s)])
+            out[-1] += ["{:.2f} / {:.2f}".format(*paper[arm])] if paper else []
         return out
 
-    head = ["row", *METRICS, "ACC minus full (p) per seed", "AUC minus full (p) per seed", "s / image (x full)"]
-    md = [f"## Table IV on {dataset}: ablation ({args.epochs} epochs, {args.seeds} seeds)\n",
+    head = ["row", *METRICS, "ACC minus full (p) per seed", "AUC minus full (p) per seed", "s / image (x full)",
+            "train s"]
+    seeds = "seeds " + ", ".join(map(str, sorted({s for a in res for s in finished_seeds(args, dataset, a)})))
+    md = [f"## Table IV on {dataset}: ablation ({args.epochs} epochs, {seeds})\n",
+          f"Each row's mean is over its finished seeds; \"minus full\" pairs it with the full method on those seeds. "
+          "train s: the head's training (the generators are shared and not counted).\n",
           markdown_table(head + ["paper pancreas CT Acc / F1"], rows(TABLE_IV_ROWS, PAPER_TABLE_IV)),
           f"## Table VII on {dataset}: input of the feature pass\n", markdown_table(head, rows(TABLE_VII_ROWS))]
     return {"dataset": dataset, "rows": {a: r["summary"] for a, r in res.items()}, "paired_vs_full": versus_full}, \
@@ -325,13 +354,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--diffmic-params", nargs="*", default=[], help="key=value options of DiffMIC-v2 only")
     ap.add_argument("--ablation-only", action="store_true", help="only Tables IV and VII on the first dataset")
     ap.add_argument("--no-ablation", action="store_true", help="skip Tables IV and VII")
+    ap.add_argument("--finished-only", action="store_true",
+                    help="with --ablation-only: train nothing, write Tables IV and VII from the finished runs")
     ap.add_argument("--limit-train-batches", type=int, default=None, help="for smoke checks only")
     ap.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples")
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
     ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dcube")
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "dcube")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.finished_only and not args.ablation_only:
+        ap.error("--finished-only reports the ablation tables only: add --ablation-only")
+    return args
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +133,32 @@ def test_generator_batch_and_lr_options_reach_the_generator_and_leave_the_classi
     assert seen["batch"] == 32 and seen["params"]["lr"] == 5e-4 and not seen["params"]["use_contrastive"]
     classifier = load_config(None, dc.arm_overrides(args, DATASET, 0, "t4_baseline", build=False))
     assert classifier.train.batch_size == 64
+
+
+def test_finished_only_writes_the_ablation_tables_from_finished_runs_and_trains_nothing(tmp_path, shared_data,
+                                                                                      monkeypatch):
+    recorded = Path(__file__).resolve().parents[1] / "benchmarks/results/dcube/ablation/records" / DATASET / "dcube-s0"
+    args = dc.parse_args(["--ablation-only", "--finished-only", "--datasets", DATASET, "--seeds", "2",
+                          "--n-boot", "50", "--data-dir", str(shared_data), "--out", str(tmp_path / "out"),
+                          "--work", str(tmp_path / "work")])
+    for arm in ("dcube", "t4_fs"):  # seed 0 finished for both (the same predictions), seed 1 for neither
+        shutil.copytree(recorded, args.work / DATASET / f"{arm}-s0")
+    monkeypatch.setattr(dc, "run_or_resume", refuse_training)
+    monkeypatch.setattr(dc, "train_generator", refuse_training)
+    monkeypatch.setattr(dc, "check_same_settings", lambda *a, **k: None)  # the record's paths are another machine's
+    results, md = dc.ablations(args, DATASET)
+    assert set(results["rows"]) == {"dcube", "t4_fs"} and results["rows"]["dcube"]["n_seeds"] == 1
+    assert results["paired_vs_full"]["t4_fs"][0]["metrics"]["acc"]["diff"] == 0
+    row = next(line for line in md.splitlines() if line.startswith("| + Fs"))
+    assert "+0.000" in row and "not finished" in next(line for line in md.splitlines() if line.startswith("| + L_Gen"))
+    assert "seeds 0)" in md
+    assert len({line.count("|") for line in md.splitlines() if line.startswith("| + ")}) == 1  # same columns
+    with pytest.raises(SystemExit):
+        dc.parse_args(["--finished-only"])  # the main comparison has no finished-only mode
+
+
+def test_finished_only_needs_the_full_method(tmp_path, shared_data):
+    args = dc.parse_args(["--ablation-only", "--finished-only", "--datasets", DATASET, "--data-dir", str(shared_data),
+                          "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    with pytest.raises(SystemExit, match="no finished full D-Cube run"):
+        dc.ablations(args, DATASET)
