@@ -102,7 +102,7 @@ class DCubeHead(nn.Module):
         return self.reduce(self.norm(x))
 
     def expand(self, m: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """Each channel of m weighted by every sub-feature score: (N, diffusion_channels * sub_channels, size, size)."""
+        """Each channel of m times every sub-feature score: (N, diffusion_channels * sub_channels, size, size)."""
         f_sub = resize_map(self.sub(images).float(), self.size)
         scores = self.score(torch.cat([f_sub, m], dim=1)).sum(dim=(2, 3))  # global sum pooling
         return (m[:, :, None] * scores[:, None, :, None, None]).flatten(1, 2)
