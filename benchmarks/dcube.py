@@ -175,9 +175,13 @@ def generator_dir(args: argparse.Namespace, dataset: str, seed: int, variant: st
     return reused if reused and not own.is_dir() and (reused / GENERATOR_DONE).is_file() else own
 
 
+def arm_dir(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> Path:
+    return args.work / dataset / f"{arm}-s{seed}"
+
+
 def run_arm(args: argparse.Namespace, dataset: str, seed: int, arm: str) -> tuple[dict, Path]:
     """The arm's metrics on this seed: read back when finished (its generator is not needed), else trained."""
-    run_dir = args.work / dataset / f"{arm}-s{seed}"
+    run_dir = arm_dir(args, dataset, arm, seed)
     if (run_dir / RUN_DONE).is_file():
         check_same_settings(run_dir, load_config(None, arm_overrides(args, dataset, seed, arm, build=False)))
     else:
@@ -206,16 +210,16 @@ def arm_overrides(args: argparse.Namespace, dataset: str, seed: int, arm: str, b
 def finished_seeds(args: argparse.Namespace, dataset: str, arm: str) -> list[int]:
     """Seeds of ``--seeds`` to report: all of them, or with ``--finished-only`` those whose run has finished."""
     return [s for s in range(args.seeds)
-            if not args.finished_only or (args.work / dataset / f"{arm}-s{s}" / RUN_DONE).is_file()]
+            if not args.finished_only or (arm_dir(args, dataset, arm, s) / RUN_DONE).is_file()]
 
 
 def arm_results(args: argparse.Namespace, dataset: str, arm: str) -> dict | None:
-    """Summary and run folders of the arm over its seeds (None: ``--finished-only`` and no seed has finished)."""
+    """Summary, seeds and run folders of the arm (None: ``--finished-only`` and no seed has finished)."""
     seeds = finished_seeds(args, dataset, arm)
     if not seeds:
         return None
     runs = [run_arm(args, dataset, seed, arm) for seed in seeds]
-    return {"summary": summarize([m for m, _ in runs], METRICS), "dirs": [d for _, d in runs]}
+    return {"summary": summarize([m for m, _ in runs], METRICS), "seeds": seeds, "dirs": [d for _, d in runs]}
 
 
 def selections(dirs: list[Path]) -> list[dict]:
@@ -300,10 +304,10 @@ def ablations(args: argparse.Namespace, dataset: str) -> tuple[dict, str]:
         raise SystemExit(f"no finished full D-Cube run on {dataset} (dcube-sN in {args.work / dataset}): "
                          "every ablation row is compared with it")
     versus_full = {}
-    for arm in res.keys() - {"dcube"}:  # per seed, on the seeds both have finished
-        seeds = [s for s in finished_seeds(args, dataset, arm) if s in finished_seeds(args, dataset, "dcube")]
-        versus_full[arm] = paired([args.work / dataset / f"{arm}-s{s}" for s in seeds],
-                                  [args.work / dataset / f"dcube-s{s}" for s in seeds], METRICS, args.n_boot)
+    for arm in (a for a in res if a != "dcube"):  # per seed, on the seeds both have finished
+        seeds = [s for s in res[arm]["seeds"] if s in res["dcube"]["seeds"]]
+        versus_full[arm] = paired([arm_dir(args, dataset, arm, s) for s in seeds],
+                                  [arm_dir(args, dataset, "dcube", s) for s in seeds], METRICS, args.n_boot)
     full = res["dcube"]["summary"]
 
     def rows(table, paper=None):
@@ -321,7 +325,7 @@ def ablations(args: argparse.Namespace, dataset: str) -> tuple[dict, str]:
 
     head = ["row", *METRICS, "ACC minus full (p) per seed", "AUC minus full (p) per seed", "s / image (x full)",
             "train s"]
-    seeds = "seeds " + ", ".join(map(str, sorted({s for a in res for s in finished_seeds(args, dataset, a)})))
+    seeds = "seeds " + ", ".join(map(str, sorted({s for r in res.values() for s in r["seeds"]})))
     md = [f"## Table IV on {dataset}: ablation ({args.epochs} epochs, {seeds})\n",
           f"Each row's mean is over its finished seeds; \"minus full\" pairs it with the full method on those seeds. "
           "train s: the head's training (the generators are shared and not counted).\n",
