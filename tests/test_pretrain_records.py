@@ -52,7 +52,7 @@ def test_a_committed_row_is_read_back_without_pre_training_or_tuning(tmp_path, b
     assert {"recall_macro", "precision_macro"} <= set(result["test_ci"])  # the CIs come from the restored predictions
 
 
-def test_a_zero_row_derives_its_rescored_rows_and_cost_while_its_weights_are_there(tmp_path, budget, monkeypatch):
+def test_tuned_rows_derive_their_rescored_rows_and_cost_while_their_weights_are_there(tmp_path, budget, monkeypatch):
     work, records = tmp_path / "work", tmp_path / "records"
     derived = []
     monkeypatch.setattr(pt, "pretrained", lambda kind, *_: work / "pretrain" / f"{kind}-s0")
@@ -84,6 +84,11 @@ def test_a_zero_row_derives_its_rescored_rows_and_cost_while_its_weights_are_the
     budget["rows"] = ["dit_rep_zero", "dit_rep_eps"]
     pt.run("dit_rep_zero", Path("data.npz"), 2, budget, work)
     assert derived == ["dit_rep_eps-s2"]
+
+    derived.clear()
+    budget["cost_seed"] = 2  # a row tuned under its own epsilon readout is timed too, and re-scores nothing
+    pt.run("dit_rep_eps_sel", Path("data.npz"), 2, budget, work)
+    assert derived == ["cost of dit_rep_eps_sel-s2"]
 
 
 def test_a_rescored_row_whose_zero_row_lost_its_weights_says_what_to_delete(tmp_path, budget, monkeypatch):
