@@ -12,13 +12,14 @@ the validation temperature, and everything is tested once on the official test s
   by Diffusion Classifier Zero (Eq. 3-4), and each read by a linear probe (r, or denoiser tokens).
 
 Also written: classifier cost with adaptive pruning vs full evaluation (forward passes, seconds per
-image, accuracy, agreement), the pre-training loss curves (unconditional vs representation-conditioned,
-the paper's Fig. 8) as a PNG, and generation metrics of the pre-trained models (Table 3 analogue, via
+image, accuracy, agreement) for every row that tunes its own denoiser, the pre-training loss curves
+(unconditional vs representation-conditioned, the paper's Fig. 8) as a PNG, and generation metrics of the
+pre-trained models and of the class-conditioned models tuned from them (Table 3 analogue, via
 ``diffmed.evaluation.generation``). Finished runs are read back, killed ones resumed. Each finished run's record
-(config, metrics, test predictions, model contract; a Zero row's cost table), the pre-training loss logs and the
+(config, metrics, test predictions, model contract; a tuned row's cost table), the pre-training loss logs and the
 generation metrics are kept under ``--out``/records and put back into an empty work folder, so the committed
-records carry the benchmark across sessions without weights: a Zero row's re-scored rows and cost table are
-computed as soon as it finishes, while its weights are still there.
+records carry the benchmark across sessions without weights: a tuned row's re-scored rows, cost table and
+generation metrics are computed as soon as it finishes, while its weights are still there.
 
     python benchmarks/pretrain.py --seeds 0 1 2                     # full protocol (GPU advised)
     python benchmarks/pretrain.py --budget cpu --seeds 0 1 2        # same protocol, short schedules (2 CPU cores)
@@ -44,7 +45,7 @@ from diffmed.diffusion.pretrain import load_pretrained, make_scheduler, pretrain
 from diffmed.engine.checkpoint import atomic_write_json
 from diffmed.engine.data import make_datamodule, prepare_data
 from diffmed.engine.inference import collect_outputs
-from diffmed.engine.run import CONFIG_FILE
+from diffmed.engine.run import CONFIG_FILE, load_trained
 from diffmed.evaluation.metrics import bootstrap_ci
 from diffmed.methods import simclr  # noqa: F401  (registers "simclr" until methods/__init__ imports it)
 from diffmed.methods.diffusion_classifier import make_plan, timestep_set
@@ -197,16 +198,22 @@ def tune_row(name: str, data: Path, seed: int, s: dict, work: Path) -> None:
         run(row, data, seed, s, work)
     if name in TIMED_ROWS and seed == s["cost_seed"]:
         classifier_cost(run_dir, s["cost_images"])
+        if s.get("generation") and name in GENERATORS.values():
+            generation_metrics(work, data, seed, s)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def keep_records(work: Path, records: Path, seeds: list[int]) -> None:
-    """Copy the record of every finished run, the pre-training loss logs and the generation metrics (once)."""
+    """Copy the record of every finished run, the pre-training loss logs and the generation metrics."""
     for run_dir in (work / "runs").glob("*-s*"):
         keep_record(run_dir, records / "runs" / run_dir.name, RECORD, "metrics.json")
     for pre in (work / "pretrain").glob("*-s*"):
         keep_record(pre, records / "pretrain" / pre.name, (LOSS_LOG, PRETRAINED), PRETRAINED)
-    for seed in seeds:
-        if (g := work / f"generation-s{seed}.json").is_file() and not (records / g.name).is_file():
+    for seed in seeds:  # it grows as models are scored
+        if (g := work / f"generation-s{seed}.json").is_file() and json.loads(g.read_text()) != read_json(records / g.name):
             atomic_write_json(records / g.name, json.loads(g.read_text()))
 
 
@@ -216,9 +223,8 @@ def restore_pretrain_records(records: Path, work: Path) -> None:
     The pre-training logs stay in the records (the loss curves read them there): a pre-training folder in the
     work folder means weights."""
     restore_records(records, work, "runs/*-s*", "metrics.json")
-    for g in records.glob("generation-s*.json"):
-        if not (work / g.name).is_file():
-            atomic_write_json(work / g.name, json.loads(g.read_text()))
+    for g in records.glob("generation-s*.json"):  # merged: the work folder may have scored other models meanwhile
+        atomic_write_json(work / g.name, {**json.loads(g.read_text()), **read_json(work / g.name)})
 
 
 @torch.no_grad()
@@ -321,38 +327,70 @@ def loss_curves(records: Path, seeds: list[int], path: Path) -> dict:
     return minima
 
 
-def generation_metrics(work: Path, data: Path, seed: int, s: dict) -> dict:
-    """Table 3 analogue for the pre-trained DiTs: FID/KID/precision/recall in the generation module's features.
+GENERATORS = {"unconditional": None, "representation": None,
+              "class, tuned from unconditional": "dit_uncond_eps_sel",
+              "class, tuned from representation": "dit_rep_eps_sel"}
+"""Table 3's models (name: the tuning row whose weights it is, None for a pre-training): the two pre-trained DiTs
+and the class-conditioned DiTs tuned from them (the rows chosen under their own epsilon readout)."""
 
-    The representation-conditioned DiT generates from r of real training images (as the paper's Fig. 7),
-    so its numbers measure reconstruction from r as much as generation.
+
+def generator_weights(work: Path, name: str, seed: int) -> Path | None:
+    """Where the weights of Table 3's model ``name`` are, or None while this work folder does not hold them."""
+    row = GENERATORS[name]
+    if row is None:
+        folder = work / "pretrain" / f"{name}-s{seed}"
+        return folder if (folder / "stages" / "pretrain" / "model").is_dir() else None
+    run_dir = run_dir_of(work, row, seed)
+    return run_dir if (run_dir / "model" / "model.safetensors").is_file() else None
+
+
+@torch.no_grad()
+def generate(work: Path, name: str, seed: int, real: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """len(real) uint8 images from model ``name`` by 50 DDIM steps from seeded noise. The representation-conditioned
+    DiT generates from r of the real images (as the paper's Fig. 7), a class-conditioned one from their labels."""
+    weights = generator_weights(work, name, seed)
+    if GENERATORS[name] is None:
+        pre = load_pretrained(weights)
+        dit, codec, scheduler, cond = pre.dit, pre.codec, make_scheduler_from(pre), {}
+        if name == "representation":
+            x = torch.from_numpy(real.astype(np.float32) / 255.0).permute(0, 3, 1, 2) * 2 - 1
+            cond = {"r": dit.represent(codec.encode(x))}
+    else:
+        method = load_trained(weights)[0]
+        dit, codec, scheduler = method.dit, method.codec, method.ddpm
+        cond = {"y": torch.from_numpy(np.asarray(labels)).long()}
+    g = torch.Generator().manual_seed(seed)
+    fake = sample(dit, codec, scheduler, len(real), real.shape[1], steps=50, generator=g, **cond)
+    return ((fake.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
+def generation_metrics(work: Path, data: Path, seed: int, s: dict) -> dict:
+    """Table 3 analogue: FID/KID/precision/recall of each model in GENERATORS, in the generation module's features.
+
+    Each model is scored once, while this work folder holds its weights (a tuning run calls this before its record,
+    which keeps no weights, is all that is left), and kept in ``generation-s<seed>.json``; the domain feature
+    extractor is saved beside it, so models scored at different times share one feature space.
     """
     from diffmed.evaluation.generation import default_extractor, generation_report
 
     cached = work / f"generation-s{seed}.json"  # sampling and the feature extractor take minutes on a CPU
-    if cached.is_file():
-        return json.loads(cached.read_text())
+    out = json.loads(cached.read_text()) if cached.is_file() else {}
+    todo = [name for name in GENERATORS if name not in out and generator_weights(work, name, seed) is not None]
+    if not todo:
+        return out
     os.environ.pop("DIFFMED_RUN_DIR", None)
     cfg = load_config(None, common(data, seed, s))
     real_set = prepare_data(cfg, work / "pretrain" / f"representation-s{seed}").sets["train"]
     n = min(s["n_generate"], len(real_set))
-    real = real_set.images[:n]
-    extractor = default_extractor(real_set.images, real_set.targets, ids=real_set.ids, epochs=s["feature_epochs"], seed=seed)
-    out = {}
-    for kind in ("unconditional", "representation"):
-        pre = load_pretrained(work / "pretrain" / f"{kind}-s{seed}")
-        r = None
-        if kind == "representation":
-            x = torch.from_numpy(real.astype(np.float32) / 255.0).permute(0, 3, 1, 2) * 2 - 1
-            with torch.no_grad():
-                r = pre.dit.represent(pre.codec.encode(x))
-        g = torch.Generator().manual_seed(seed)
-        fake = sample(pre.dit, pre.codec, make_scheduler_from(pre), n, real.shape[1], steps=50, generator=g, r=r)
-        fake = ((fake.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-        report = generation_report({"all": real}, {"all": fake}, extractor, kid_subset_size=min(1000, n // 2))
-        out[kind] = {"feature_space": report["feature_space"], **report["overall"]}
-    atomic_write_json(cached, out)
-    return out
+    real, labels = real_set.images[:n], real_set.targets[:n]
+    extractor = default_extractor(real_set.images, real_set.targets, ids=real_set.ids, epochs=s["feature_epochs"],
+                                  seed=seed, cache=work / f"generation-features-s{seed}.safetensors")
+    for name in todo:
+        report = generation_report({"all": real}, {"all": generate(work, name, seed, real, labels)}, extractor,
+                                   kid_subset_size=min(1000, n // 2))
+        out[name] = {"feature_space": report["feature_space"], **report["overall"]}
+        atomic_write_json(cached, out)
+    return {name: out[name] for name in GENERATORS if name in out}
 
 
 def make_scheduler_from(pre):
@@ -385,7 +423,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pretrain")
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "pretrain")
     args = ap.parse_args()
-    s = {**BUDGETS[args.budget], "rows": args.rows, "cost_seed": args.seeds[0]}
+    s = {**BUDGETS[args.budget], "rows": args.rows, "cost_seed": args.seeds[0], "generation": not args.no_generation}
     work = args.work / args.budget
     out = args.out if args.budget == "full" else args.out / args.budget
     data = tiny_dataset(work / "data") if args.budget == "tiny" else DATA
@@ -423,8 +461,8 @@ def main() -> None:
     generation = {}
     if not args.no_generation and any(k in ("unconditional", "representation") for _, k, _ in (ROWS[n] for n in args.rows)):
         generation = generation_metrics(work, data, args.seeds[0], s)
-        md += "\n## Generation by the pre-trained DiTs (Table 3 analogue, seed %d)\n\n" % args.seeds[0]
-        md += markdown_table(["pre-training", "feature space", "FID", "KID", "precision", "recall"],
+        md += "\n## Generation by the pre-trained and the class-tuned DiTs (Table 3 analogue, seed %d)\n\n" % args.seeds[0]
+        md += markdown_table(["model", "feature space", "FID", "KID", "precision", "recall"],
                              [[k, g["feature_space"], f"{g['fid']:.2f}", f"{g['kid']:.4f}", f"{g['precision']:.3f}",
                                f"{g['recall']:.3f}"] for k, g in generation.items()])
     keep_records(work, out / "records", args.seeds)

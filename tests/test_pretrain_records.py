@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import load_benchmark
@@ -86,9 +87,11 @@ def test_tuned_rows_derive_their_rescored_rows_and_cost_while_their_weights_are_
     assert derived == ["dit_rep_eps-s2"]
 
     derived.clear()
-    budget["cost_seed"] = 2  # a row tuned under its own epsilon readout is timed too, and re-scores nothing
+    budget.update(cost_seed=2, generation=True)  # a row tuned under its own epsilon readout is timed and its
+    monkeypatch.setattr(pt, "generation_metrics",  # class-conditioned generation scored; it re-scores nothing
+                        lambda work, data, seed, s: derived.append(f"generation of seed {seed}"))
     pt.run("dit_rep_eps_sel", Path("data.npz"), 2, budget, work)
-    assert derived == ["cost of dit_rep_eps_sel-s2"]
+    assert derived == ["cost of dit_rep_eps_sel-s2", "generation of seed 2"]
 
 
 def test_a_rescored_row_whose_zero_row_lost_its_weights_says_what_to_delete(tmp_path, budget, monkeypatch):
@@ -114,3 +117,38 @@ def test_only_a_finished_pre_training_keeps_its_loss_log_and_it_is_not_put_back_
     pt.restore_pretrain_records(records, work)
     assert not (work / "pretrain").exists()
     assert pt.loss_curves(records, [0], tmp_path / "loss.png") == {"representation-s0": 1.0}
+
+
+def test_generation_scores_each_model_once_while_its_weights_are_here_and_records_merge(tmp_path, budget, monkeypatch):
+    work, records = tmp_path / "work", tmp_path / "records"
+    scored = []
+    monkeypatch.setattr(pt, "prepare_data", lambda cfg, run_dir: type("D", (), {"sets": {"train": FakeSet()}})())
+    monkeypatch.setattr(pt, "generate", lambda work, name, seed, real, labels: scored.append(name) or real)
+    import diffmed.evaluation.generation as generation
+    monkeypatch.setattr(generation, "default_extractor", lambda *a, **k: None)
+    monkeypatch.setattr(generation, "generation_report", lambda real, fake, fx, **k: {"feature_space": "f", "overall": {"fid": 1.0}})
+    (work / "pretrain" / "unconditional-s0" / "stages" / "pretrain" / "model").mkdir(parents=True)
+    assert list(pt.generation_metrics(work, Path("data.npz"), 0, budget)) == ["unconditional"]
+    write_run(run_dir := pt.run_dir_of(work, "dit_uncond_eps_sel", 0))  # a tuned class-conditioned DiT with weights
+    write_run(pt.run_dir_of(work, "dit_rep_eps_sel", 0), weights=False)  # a record only: it cannot be scored
+    assert list(pt.generation_metrics(work, Path("data.npz"), 0, budget)) == ["unconditional", "class, tuned from unconditional"]
+    assert scored == ["unconditional", "class, tuned from unconditional"]  # nothing is scored twice
+    pt.keep_records(work, records, [0])
+    fresh = tmp_path / "fresh"  # another machine scores another model before the records come back: both are kept
+    (fresh / "generation-s0.json").parent.mkdir(parents=True)
+    (fresh / "generation-s0.json").write_text(json.dumps({"representation": {"fid": 2.0}}))
+    pt.restore_pretrain_records(records, fresh)
+    assert set(json.loads((fresh / "generation-s0.json").read_text())) == {
+        "unconditional", "class, tuned from unconditional", "representation"}
+    assert run_dir.is_dir()
+
+
+class FakeSet:
+    """The training split generation compares with: four images, two classes."""
+
+    images = np.zeros((4, 28, 28, 1), dtype=np.uint8)
+    targets = np.array([0, 1, 0, 1])
+    ids = ["a", "b", "c", "d"]
+
+    def __len__(self) -> int:
+        return len(self.images)
