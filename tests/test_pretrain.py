@@ -296,3 +296,28 @@ def test_nt_xent_prefers_matching_views() -> None:
     g = torch.Generator().manual_seed(0)
     z = torch.randn(8, 16, generator=g)
     assert nt_xent(z, z + 0.01 * torch.randn(8, 16, generator=g)) < nt_xent(z, torch.randn(8, 16, generator=g))
+
+
+def test_pruning_by_the_readout_keeps_the_classes_the_offsets_favour_and_no_pruned_class_wins() -> None:
+    # the validation-fitted offsets say class 2 is reconstructed 0.3 worse for every image; on this image it looks
+    # good in the first round (evaluations 0 and 5) and bad on the rest, and class 0 is the answer of a full evaluation
+    errors = torch.tensor([[[1.0] * 6, [1.05] * 6, [1.2, 1.5, 1.5, 1.5, 1.5, 1.2]]])  # (image, class, evaluation)
+    scored = []
+
+    def error_fn(classes: torch.Tensor, evals: torch.Tensor) -> torch.Tensor:
+        scored.append(classes)
+        return errors.gather(1, classes[..., None].expand(-1, -1, 6))[..., evals]
+
+    offsets = torch.tensor([0.0, 0.0, 0.3])
+    readout = lambda rel: (rel - offsets).argmin(1).item()  # noqa: E731  (logits = -gain * (rel - offsets))
+    timesteps = list(range(100, 700, 100))
+    assert readout(adaptive_relative_errors(error_fn, 1, 3, make_plan(timesteps, 1, 3, prune=False))) == 0
+    plan = make_plan(timesteps, 1, 3, prune=True, prune_after=2, keep_top=2)
+    scored.clear()
+    # by raw error: classes 0 and 1 are kept, and class 2 wins on its first round alone
+    assert readout(adaptive_relative_errors(error_fn, 1, 3, plan)) == 2
+    assert sorted(scored[1][0].tolist()) == [0, 1]
+    scored.clear()
+    # by the readout: class 2 is kept and scored to the end, class 1 is pruned, and the answer is the full one
+    assert readout(adaptive_relative_errors(error_fn, 1, 3, plan, offsets=offsets)) == 0
+    assert sorted(scored[1][0].tolist()) == [0, 2]

@@ -16,8 +16,8 @@ What makes it usable (the public code's flaws are not repeated):
   the identical noise tensors and timesteps, so class differences are not noise differences, and
   predictions are deterministic and independent of batch composition;
 * classes x timesteps x images go through the DiT as large batched forward passes;
-* adaptive pruning: after a first round of evaluations only the ``keep_top`` best classes are scored
-  on the rest; ``forward_passes_per_image`` reports the count actually run;
+* adaptive pruning: after a first round of evaluations only the ``keep_top`` best classes (by the readout,
+  class offsets included) are scored on the rest; ``forward_passes_per_image`` reports the count actually run;
 * calibrated probabilities: logits are -errors / (mean error over the scored classes), times a gain
   fitted (without labels) so the median class gap on validation is 1, plus per-class offsets fitted on
   validation (``class_bias``); the engine's validation temperature then calibrates them (a softmax over
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -107,24 +107,30 @@ def make_plan(timesteps: list[int], trials: int, num_classes: int, prune: bool =
 
 
 def adaptive_relative_errors(error_fn: ErrorFn, n_images: int, num_classes: int, plan: EvalPlan,
-                             device: torch.device | None = None) -> torch.Tensor:
+                             device: torch.device | None = None, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """(N, K) mean error of each class relative to the mean over the classes scored to the end.
 
-    Pruned classes keep their first-round ratio (to the kept classes' first-round mean), raised to at
-    least the worst kept class's ratio, so a pruned class never wins and the scale matches.
+    ``offsets`` (K,): what the readout subtracts from each class's relative error (its class bias over its gain);
+    the first round keeps the classes whose error minus offset is lowest, so a class the denoiser reconstructs worse
+    for every image is pruned no more often than its offset says. Pruned classes keep their first-round ratio (to
+    the kept classes' first-round mean), raised so that, offsets included, none beats the worst kept class: a pruned
+    class never wins and the scale matches.
     """
     classes = torch.arange(num_classes, device=device).expand(n_images, num_classes)
     e1 = error_fn(classes, plan.first)
     m1 = e1.mean(-1)
     if len(plan.rest) == 0:
         return m1 / m1.mean(1, keepdim=True).clamp_min(1e-12)
-    kept = m1.topk(plan.keep_top, dim=1, largest=False).indices
+    off = torch.zeros(num_classes, device=m1.device) if offsets is None else offsets.to(m1)
+    rel = m1 / m1.mean(1, keepdim=True).clamp_min(1e-12)
+    kept = (rel - off).topk(plan.keep_top, dim=1, largest=False).indices
     e2 = error_fn(kept, plan.rest)
     first_kept = e1.gather(1, kept[..., None].expand(-1, -1, e1.shape[-1]))
     full = (first_kept.sum(-1) + e2.sum(-1)) / (e1.shape[-1] + e2.shape[-1])
     rel_kept = full / full.mean(1, keepdim=True).clamp_min(1e-12)
     rel = m1 / m1.gather(1, kept).mean(1, keepdim=True).clamp_min(1e-12)
-    rel = torch.maximum(rel, rel_kept.max(1, keepdim=True).values)
+    worst_kept = (rel_kept - off[kept]).max(1, keepdim=True).values
+    rel = torch.maximum(rel, worst_kept + off)
     return rel.scatter(1, kept, rel_kept)
 
 
@@ -197,9 +203,9 @@ class DiffusionScorer:
         return errors
 
     @torch.no_grad()
-    def relative_errors(self, z0: torch.Tensor, num_classes: int) -> torch.Tensor:
+    def relative_errors(self, z0: torch.Tensor, num_classes: int, offsets: torch.Tensor | None = None) -> torch.Tensor:
         fn = per_evaluation_relative(self.error_fn(z0)) if self.per_timestep else self.error_fn(z0)
-        return adaptive_relative_errors(fn, len(z0), num_classes, self.plan, z0.device)
+        return adaptive_relative_errors(fn, len(z0), num_classes, self.plan, z0.device, offsets)
 
 
 def median_class_gap(relative: torch.Tensor) -> float:
@@ -208,6 +214,7 @@ def median_class_gap(relative: torch.Tensor) -> float:
 
 
 class DiffusionParams(BaseParams, PretrainParams):
+    saved_defaults: ClassVar[dict[str, Any]] = {"prune_by": "error"}  # models saved before the option
     score: Literal["x0", "epsilon"] = "x0"
     """x0: Diffusion Classifier Zero (Eq. 3-4); epsilon: the original Diffusion Classifier."""
     error_norm: Literal["pooled", "per_timestep"] = "pooled"
@@ -219,6 +226,10 @@ class DiffusionParams(BaseParams, PretrainParams):
     noise_trials: int = 1
     """Noise draws per timestep."""
     prune: bool = True
+    prune_by: Literal["readout", "error"] = "readout"
+    """Which classes the first round keeps: readout, those with the best logits (error plus the validation-fitted
+    class offsets), so a class the denoiser reconstructs worse for every image is not pruned before its offset
+    applies; error: those with the lowest raw error (models saved before this option)."""
     prune_after: int | None = None
     """Evaluations per class in the first round (default half of them)."""
     keep_top: int | None = None
@@ -272,7 +283,8 @@ class DiffusionClassifier(ClassifierMethod):
         """(N, K) error of each class over the mean error (no gain): argmin is the prediction."""
         z0 = self.codec.eval().encode(images)
         self._images_scored += len(images)
-        return self.scorer.relative_errors(z0, self.spec.num_classes)
+        offsets = self.logit_bias / self.logit_gain if self.params.prune_by == "readout" else None
+        return self.scorer.relative_errors(z0, self.spec.num_classes, offsets)
 
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
         return -self.relative_errors(images) * self.logit_gain + self.logit_bias
