@@ -55,9 +55,11 @@ def table(args: argparse.Namespace, seeds: list[int]) -> tuple[dict, str]:
     dirs = {"baseline": [recorded(args, "baseline", s) for s in seeds],
             args.method: [recorded(args, args.method, s) for s in seeds],
             label: [variant_dir(args, s)[0] for s in seeds]}
-    summary = {arm: summarize(read(d), METRICS) for arm, d in dirs.items()}
+    runs = {arm: read(d) for arm, d in dirs.items()}
+    summary = {arm: summarize(r, METRICS) for arm, r in runs.items()}
     base = summary["baseline"]
     rows = [[arm, *(fmt(s[m]) for m in METRICS), per_seed_ci(s, "f1_macro"),
+             "; ".join(f"{r['val'].get('auc', float('nan')):.3f}" for r in runs[arm]),
              cost_ratio(s, base, "infer_seconds_per_image"), cost_ratio(s, base, "forward_passes_per_image"),
              f"{s['cost'].get('train_seconds', float('nan')) + s['cost'].get('stage_seconds', 0):.0f}"]
             for arm, s in summary.items()]
@@ -65,8 +67,9 @@ def table(args: argparse.Namespace, seeds: list[int]) -> tuple[dict, str]:
     md = [f"# {label} on {args.dataset}: {' '.join(args.set)}\n",
           f"Seeds {seeds}; the baseline and {args.method} rows are the full benchmark's recorded runs of the same "
           "seeds, the variant is their config with the overrides above.\n",
-          markdown_table(["arm", *METRICS, "macro-F1 95% CI per seed", "s / image (x baseline)",
-                          "forward passes / image (x baseline)", "train s (with stages)"], rows),
+          markdown_table(["arm", *METRICS, "macro-F1 95% CI per seed", "val AUC per seed (selection)",
+                          "s / image (x baseline)", "forward passes / image (x baseline)",
+                          "train s (with stages)"], rows),
           "Paired bootstrap of the variant against each reference, per seed (diff, p):\n",
           markdown_table(["variant minus", *PAIRED], [[ref, *pvalue_cells(c, PAIRED)] for ref, c in versus.items()])]
     return {"seeds": seeds, "summaries": summary, "paired": versus}, "\n".join(md)

@@ -55,6 +55,8 @@ def test_a_new_session_reads_the_variant_back_from_its_record(argv, tmp_path, mo
     monkeypatch.setattr(variant, "run_or_resume", copy_of_recorded_method)
     variant.main(argv)
     first = (tmp_path / "out" / "pneumoniamnist" / "variants" / "dcg.md").read_text()
+    val_auc = json.loads((RECORDS / "diffmic_v2-s0" / "metrics.json").read_text())["val"]["auc"]
+    assert f"| {val_auc:.3f} |" in first  # the selection metric beside the test metrics
     shutil.rmtree(tmp_path / "work")
     monkeypatch.undo()  # the real run_or_resume: it must find the run finished and train nothing
     monkeypatch.setattr("diffmed.bench.train", lambda *a, **k: pytest.fail("trained a recorded run again"))
