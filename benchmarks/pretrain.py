@@ -51,7 +51,8 @@ from diffmed.methods import simclr  # noqa: F401  (registers "simclr" until meth
 from diffmed.methods.diffusion_classifier import make_plan, timestep_set
 
 log = logging.getLogger("benchmarks.pretrain")
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist.npz"
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATASET = "pneumoniamnist.npz"
 METRICS = ("acc", "f1_macro", "recall_macro", "precision_macro", "auc")
 FULL = {"pretrain_epochs": 100, "simclr_epochs": 100, "tune_epochs": 30, "size": "S", "batch": 128,
         "bootstrap": 1000, "n_generate": 1000, "feature_epochs": 5, "cost_images": 624}
@@ -124,11 +125,11 @@ offsets (``class_bias``): ``epsilon`` is the original Diffusion Classifier's err
 the classes within each timestep before averaging. The Zero rows themselves are the paper's readout (no bias)."""
 
 
-def tiny_dataset(folder: Path) -> Path:
+def tiny_dataset(source: Path, folder: Path) -> Path:
     """A 512/128/128 slice of PneumoniaMNIST (kept out of the repository) for the plumbing check."""
     path = folder / "pneumoniamnist_tiny.npz"
     if not path.is_file():
-        d = np.load(DATA)
+        d = np.load(source)
         folder.mkdir(parents=True, exist_ok=True)
         np.savez(path, **{f"{s}_{k}": d[f"{s}_{k}"][:n] for s, n in (("train", 512), ("val", 128), ("test", 128))
                           for k in ("images", "labels")})
@@ -420,13 +421,15 @@ def main() -> None:
     ap.add_argument("--no-generation", action="store_true")
     ap.add_argument("--finished-only", action="store_true",
                     help="report the finished runs (each row over the seeds it has) and train nothing new")
+    ap.add_argument("--data-dir", type=Path, default=DATA_DIR, help=f"the folder holding {DATASET}")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pretrain")
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "pretrain")
     args = ap.parse_args()
     s = {**BUDGETS[args.budget], "rows": args.rows, "cost_seed": args.seeds[0], "generation": not args.no_generation}
     work = args.work / args.budget
     out = args.out if args.budget == "full" else args.out / args.budget
-    data = tiny_dataset(work / "data") if args.budget == "tiny" else DATA
+    data = args.data_dir / DATASET
+    data = tiny_dataset(data, work / "data") if args.budget == "tiny" else data
     restore_pretrain_records(out / "records", work)
 
     results, per_run, run_dirs = {}, {}, {}
