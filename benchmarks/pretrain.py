@@ -381,11 +381,12 @@ def generation_metrics(work: Path, data: Path, seed: int, s: dict) -> dict:
         return out
     os.environ.pop("DIFFMED_RUN_DIR", None)
     cfg = load_config(None, common(data, seed, s))
-    real_set = prepare_data(cfg, work / "pretrain" / f"representation-s{seed}").sets["train"]
+    folder = work / "generation" / f"s{seed}"  # its own: a pre-training may not have started yet
+    real_set = prepare_data(cfg, folder).sets["train"]
     n = min(s["n_generate"], len(real_set))
     real, labels = real_set.images[:n], real_set.targets[:n]
     extractor = default_extractor(real_set.images, real_set.targets, ids=real_set.ids, epochs=s["feature_epochs"],
-                                  seed=seed, cache=work / f"generation-features-s{seed}.safetensors")
+                                  seed=seed, cache=folder / "features.safetensors")
     for name in todo:
         report = generation_report({"all": real}, {"all": generate(work, name, seed, real, labels)}, extractor,
                                    kid_subset_size=min(1000, n // 2))
