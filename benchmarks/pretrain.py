@@ -274,19 +274,26 @@ def with_cis(result: dict, run_dir: Path, n_boot: int) -> dict:
 @torch.no_grad()
 def classifier_cost(run_dir: Path, n_images: int) -> list[dict]:
     """Test-set accuracy, DiT passes and seconds per image with adaptive pruning and with full evaluation;
-    measured once per run (``pruning_cost.json``), so rewriting the tables does not re-time under another load."""
+    measured once per run (``pruning_cost.json``), so rewriting the tables does not re-time under another load.
+
+    Each evaluation plan gets its own readout (gain and class offsets) fitted on validation first: the relative
+    errors of fewer or other timesteps are distributed differently, so the offsets fitted under the model's own
+    plan would misplace the decision of every other plan."""
     cache = run_dir / "pruning_cost.json"
     if cache.is_file() and (done := json.loads(cache.read_text()))["n_images"] == n_images:
         return done["rows"]
     method, meta, cfg, data = trained_run(run_dir)
     data.sets["test"] = data.sets["test"].subset(np.arange(min(n_images, len(data.sets["test"]))))
-    loader = make_datamodule(cfg, data).eval_loader("test")
+    dm = make_datamodule(cfg, data)
+    loader = dm.eval_loader("test")
     p = method.params
     ts = timestep_set(p.timesteps, p.num_train_timesteps, p.num_timesteps)
     rows, preds = [], []
     # full evaluation first (the reference), then the model's pruning, then shorter first rounds
     for prune, prune_after in ((False, None), (True, p.prune_after), *((True, n) for n in PRUNE_AFTER)):
         method.scorer.plan = make_plan(ts, p.noise_trials, method.spec.num_classes, prune, prune_after, p.keep_top)
+        val = collect_outputs(method, dm.eval_loader("val"))
+        method.fit_readout(torch.from_numpy(val.logits), torch.from_numpy(val.targets))
         method.scorer.passes, method._images_scored = 0, 0
         start = time.perf_counter()
         out = collect_outputs(method, loader)
