@@ -214,8 +214,9 @@ def keep_records(work: Path, records: Path, seeds: list[int]) -> None:
     for pre in (work / "pretrain").glob("*-s*"):
         keep_record(pre, records / "pretrain" / pre.name, (LOSS_LOG, PRETRAINED), PRETRAINED)
     for seed in seeds:  # it grows as models are scored
-        if (g := work / f"generation-s{seed}.json").is_file() and json.loads(g.read_text()) != read_json(records / g.name):
-            atomic_write_json(records / g.name, json.loads(g.read_text()))
+        scored = read_json(work / f"generation-s{seed}.json")
+        if scored and scored != read_json(records / f"generation-s{seed}.json"):
+            atomic_write_json(records / f"generation-s{seed}.json", scored)
 
 
 def restore_pretrain_records(records: Path, work: Path) -> None:
@@ -472,7 +473,8 @@ def main() -> None:
     generation = {}
     if not args.no_generation and any(k in ("unconditional", "representation") for _, k, _ in (ROWS[n] for n in args.rows)):
         generation = generation_metrics(work, data, args.seeds[0], s)
-        md += "\n## Generation by the pre-trained and the class-tuned DiTs (Table 3 analogue, seed %d)\n\n" % args.seeds[0]
+        md += ("\n## Generation by the pre-trained and the class-tuned DiTs (Table 3 analogue, seed %d)\n\n"
+               % args.seeds[0])
         md += markdown_table(["model", "feature space", "FID", "KID", "precision", "recall"],
                              [[k, g["feature_space"], f"{g['fid']:.2f}", f"{g['kid']:.4f}", f"{g['precision']:.3f}",
                                f"{g['recall']:.3f}"] for k, g in generation.items()])

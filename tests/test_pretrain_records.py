@@ -126,12 +126,14 @@ def test_generation_scores_each_model_once_while_its_weights_are_here_and_record
     monkeypatch.setattr(pt, "generate", lambda work, name, seed, real, labels: scored.append(name) or real)
     import diffmed.evaluation.generation as generation
     monkeypatch.setattr(generation, "default_extractor", lambda *a, **k: None)
-    monkeypatch.setattr(generation, "generation_report", lambda real, fake, fx, **k: {"feature_space": "f", "overall": {"fid": 1.0}})
+    monkeypatch.setattr(generation, "generation_report",
+                        lambda real, fake, fx, **k: {"feature_space": "f", "overall": {"fid": 1.0}})
     (work / "pretrain" / "unconditional-s0" / "stages" / "pretrain" / "model").mkdir(parents=True)
     assert list(pt.generation_metrics(work, Path("data.npz"), 0, budget)) == ["unconditional"]
     write_run(run_dir := pt.run_dir_of(work, "dit_uncond_eps_sel", 0))  # a tuned class-conditioned DiT with weights
     write_run(pt.run_dir_of(work, "dit_rep_eps_sel", 0), weights=False)  # a record only: it cannot be scored
-    assert list(pt.generation_metrics(work, Path("data.npz"), 0, budget)) == ["unconditional", "class, tuned from unconditional"]
+    assert list(pt.generation_metrics(work, Path("data.npz"), 0, budget)) == [
+        "unconditional", "class, tuned from unconditional"]
     assert scored == ["unconditional", "class, tuned from unconditional"]  # nothing is scored twice
     pt.keep_records(work, records, [0])
     fresh = tmp_path / "fresh"  # another machine scores another model before the records come back: both are kept
