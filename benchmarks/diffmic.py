@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from diffmed.bench import (RUN_RECORD, cost_ratio, dataset_overrides, fmt, keep_record, markdown_table, mean_std,
-                           paired, per_seed_ci, pvalue_cells, restore_records, run_or_resume, summarize, weighted_run,
-                           write_results)
+                           paired, per_seed_ci, pvalue_cells, read_json, restore_records, run_or_resume, summarize,
+                           weighted_run, write_results)
 from diffmed.engine.checkpoint import atomic_write_json
 from diffmed.methods.diffmic.method import DCG_WEIGHTS, VARIANTS
 
@@ -178,7 +178,7 @@ def sweep_run(run_dir: Path) -> dict[str, dict]:
     folder (``sweep.json``): each setting and split is computed once, a new one only when it is missing."""
     cache = run_dir / "sweep.json"
     kept = {"DCG prior M alone", *SWEEP}  # a setting dropped from SWEEP is dropped from the cache too
-    out = {k: v for k, v in (json.loads(cache.read_text()) if cache.is_file() else {}).items() if k in kept}
+    out = {k: v for k, v in read_json(cache).items() if k in kept}
     prior = out.get("DCG prior M alone", {})
     if out.keys() == kept and prior.keys() == set(PRIOR_SPLITS):
         return out

@@ -38,8 +38,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from diffmed.bench import (RUN_RECORD, fmt, keep_record, markdown_table, per_seed_ci, restore_records, run_or_resume,
-                           summarize, trained_run, write_results)
+from diffmed.bench import (RUN_RECORD, fmt, keep_record, markdown_table, per_seed_ci, read_json, restore_records,
+                           run_or_resume, summarize, trained_run, write_results)
 from diffmed.config import load_config, save_config
 from diffmed.diffusion.pretrain import load_pretrained, make_scheduler, pretrain, sample
 from diffmed.engine.checkpoint import atomic_write_json
@@ -203,10 +203,6 @@ def tune_row(name: str, data: Path, seed: int, s: dict, work: Path) -> None:
             generation_metrics(work, data, seed, s)
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def keep_records(work: Path, records: Path, seeds: list[int]) -> None:
     """Copy the record of every finished run, the pre-training loss logs and the generation metrics."""
     for run_dir in (work / "runs").glob("*-s*"):
@@ -354,10 +350,10 @@ def generator_weights(work: Path, name: str, seed: int) -> Path | None:
 
 
 @torch.no_grad()
-def generate(work: Path, name: str, seed: int, real: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """len(real) uint8 images from model ``name`` by 50 DDIM steps from seeded noise. The representation-conditioned
-    DiT generates from r of the real images (as the paper's Fig. 7), a class-conditioned one from their labels."""
-    weights = generator_weights(work, name, seed)
+def generate(weights: Path, name: str, seed: int, real: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """len(real) uint8 images from model ``name`` (its ``generator_weights``) by 50 DDIM steps from seeded noise. The
+    representation-conditioned DiT generates from r of the real images (as the paper's Fig. 7), a class-conditioned
+    one from their labels."""
     if GENERATORS[name] is None:
         pre = load_pretrained(weights)
         dit, codec, scheduler, cond = pre.dit, pre.codec, make_scheduler_from(pre), {}
@@ -383,8 +379,9 @@ def generation_metrics(work: Path, data: Path, seed: int, s: dict) -> dict:
     from diffmed.evaluation.generation import default_extractor, generation_report
 
     cached = work / f"generation-s{seed}.json"  # sampling and the feature extractor take minutes on a CPU
-    out = json.loads(cached.read_text()) if cached.is_file() else {}
-    todo = [name for name in GENERATORS if name not in out and generator_weights(work, name, seed) is not None]
+    out = read_json(cached)
+    todo = {name: weights for name in GENERATORS
+            if name not in out and (weights := generator_weights(work, name, seed)) is not None}
     if not todo:
         return out
     os.environ.pop("DIFFMED_RUN_DIR", None)
@@ -395,8 +392,8 @@ def generation_metrics(work: Path, data: Path, seed: int, s: dict) -> dict:
     real, labels = real_set.images[:n], real_set.targets[:n]
     extractor = default_extractor(real_set.images, real_set.targets, ids=real_set.ids, epochs=s["feature_epochs"],
                                   seed=seed, cache=folder / "features.safetensors")
-    for name in todo:
-        report = generation_report({"all": real}, {"all": generate(work, name, seed, real, labels)}, extractor,
+    for name, weights in todo.items():
+        report = generation_report({"all": real}, {"all": generate(weights, name, seed, real, labels)}, extractor,
                                    kid_subset_size=min(1000, n // 2))
         out[name] = {"feature_space": report["feature_space"], **report["overall"]}
         atomic_write_json(cached, out)

@@ -51,8 +51,8 @@ from diffmed.augment import (MANIFEST, STRATEGIES, AugmentPlan, ManifestProducer
                              plan_from_sources, plan_strategy, read_manifest, select_misclassified, write_manifest)
 from diffmed.bench import GENERATOR_RECORD as BASE_GENERATOR_RECORD, RUN_RECORD as BASE_RUN_RECORD
 from diffmed.bench import (GENERATOR_DONE, check_same_settings, dataset_overrides, fmt, keep_record, markdown_table,
-                           per_seed_ci, record_complete, restore_records, run_or_resume, save_configs, summarize,
-                           write_results)
+                           per_seed_ci, read_json, record_complete, restore_records, run_or_resume, save_configs,
+                           summarize, write_results)
 from diffmed.config import DataConfig, load_config
 from diffmed.data import load_source
 from diffmed.data.types import LabelledSet
@@ -452,8 +452,7 @@ def _reset_peak() -> None:
 
 
 def _read_cost(folder: Path) -> dict:
-    path = folder / "bench_cost.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(folder / "bench_cost.json")
 
 
 # ------------------------------------------------------------------------------------------- report

@@ -123,7 +123,7 @@ def test_generation_scores_each_model_once_while_its_weights_are_here_and_record
     work, records = tmp_path / "work", tmp_path / "records"
     scored = []
     monkeypatch.setattr(pt, "prepare_data", lambda cfg, run_dir: type("D", (), {"sets": {"train": FakeSet()}})())
-    monkeypatch.setattr(pt, "generate", lambda work, name, seed, real, labels: scored.append(name) or real)
+    monkeypatch.setattr(pt, "generate", lambda weights, name, seed, real, labels: scored.append(name) or real)
     import diffmed.evaluation.generation as generation
     monkeypatch.setattr(generation, "default_extractor", lambda *a, **k: None)
     monkeypatch.setattr(generation, "generation_report",

@@ -139,6 +139,11 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
 
 
+def read_json(path: Path) -> dict:
+    """A JSON file's object, or {} while the file does not exist (a cache or record not written yet)."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def write_results(out_dir: Path, name: str, results: dict, markdown: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / f"{name}.json", results)
