@@ -3,7 +3,7 @@
 For each seed, the full benchmark's record of ``--method`` (``benchmarks/results/full/<dataset>/runs/<method>-sN``)
 gives the run's config; the ``--set`` overrides change it, and the variant is trained (resumed after a kill, or
 read back from its own record) in the work folder. It is compared on the same test images with the recorded
-method and with the recorded baseline: mean +- std over seeds, each seed's 95% bootstrap CI, paired bootstrap
+method, with the recorded baseline and with any recorded method named by ``--also``: mean +- std over seeds, each seed's 95% bootstrap CI, paired bootstrap
 per seed, cost. The variant's records go to ``<out>/<dataset>/variants/<tag>/runs/`` and its table to
 ``<out>/<dataset>/variants/<tag>.{json,md}``. One process per seed runs them in parallel; ``--finished-only``
 then writes the table from every finished seed.
@@ -52,9 +52,9 @@ def table(args: argparse.Namespace, seeds: list[int]) -> tuple[dict, str]:
         return [json.loads((d / DONE).read_text()) for d in dirs]
 
     label = f"{args.method} ({args.tag})"
-    dirs = {"baseline": [recorded(args, "baseline", s) for s in seeds],
-            args.method: [recorded(args, args.method, s) for s in seeds],
-            label: [variant_dir(args, s)[0] for s in seeds]}
+    references = list(dict.fromkeys(["baseline", *args.also, args.method]))
+    dirs = {ref: [recorded(args, ref, s) for s in seeds] for ref in references}
+    dirs[label] = [variant_dir(args, s)[0] for s in seeds]
     runs = {arm: read(d) for arm, d in dirs.items()}
     summary = {arm: summarize(r, METRICS) for arm, r in runs.items()}
     base = summary["baseline"]
@@ -63,10 +63,10 @@ def table(args: argparse.Namespace, seeds: list[int]) -> tuple[dict, str]:
              cost_ratio(s, base, "infer_seconds_per_image"), cost_ratio(s, base, "forward_passes_per_image"),
              f"{s['cost'].get('train_seconds', float('nan')) + s['cost'].get('stage_seconds', 0):.0f}"]
             for arm, s in summary.items()]
-    versus = {ref: paired(dirs[label], dirs[ref], PAIRED, args.n_boot) for ref in (args.method, "baseline")}
+    versus = {ref: paired(dirs[label], dirs[ref], PAIRED, args.n_boot) for ref in reversed(references)}
     md = [f"# {label} on {args.dataset}: {' '.join(args.set)}\n",
-          f"Seeds {seeds}; the baseline and {args.method} rows are the full benchmark's recorded runs of the same "
-          "seeds, the variant is their config with the overrides above.\n",
+          f"Seeds {seeds}; the {', '.join(references)} rows are the full benchmark's recorded runs of the same "
+          f"seeds, the variant is {args.method}'s config with the overrides above.\n",
           markdown_table(["arm", *METRICS, "macro-F1 95% CI per seed", "val AUC per seed (selection)",
                           "s / image (x baseline)", "forward passes / image (x baseline)",
                           "train s (with stages)"], rows),
@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--method", required=True, help="the recorded method whose runs are varied")
     ap.add_argument("--tag", required=True, help="short name of the variant (folder and table names)")
     ap.add_argument("--set", nargs="+", required=True, help="key=value config overrides that make the variant")
+    ap.add_argument("--also", nargs="+", default=[],
+                    help="more recorded methods to compare with (e.g. class_weighted); baseline and --method always")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--finished-only", action="store_true", help="train nothing; table from the finished seeds")
     ap.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples")

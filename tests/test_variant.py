@@ -79,3 +79,14 @@ def test_the_recorded_generator_stage_is_put_back_where_recorded_configs_point(a
     variant.main(argv)
     restored = tmp_path / "work" / stage / "generator"
     assert (restored / "model.json").is_file() and (restored / "model.safetensors").is_file()
+
+
+def test_more_recorded_methods_are_rows_and_paired_references(argv, tmp_path, monkeypatch):
+    shutil.copytree(RECORDS / "class_weighted-s0", tmp_path / "out" / "pneumoniamnist" / "runs" / "class_weighted-s0")
+    monkeypatch.setattr(variant, "run_or_resume", copy_of_recorded_method)
+    variant.main([*argv, "--also", "class_weighted"])
+    results = json.loads((tmp_path / "out" / "pneumoniamnist" / "variants" / "dcg.json").read_text())
+    assert list(results["summaries"]) == ["baseline", "class_weighted", "diffmic_v2", "diffmic_v2 (dcg)"]
+    weighted = json.loads((RECORDS / "class_weighted-s0" / "metrics.json").read_text())["test"]["auc"]
+    assert results["paired"]["class_weighted"][0]["metrics"]["auc"]["diff"] == pytest.approx(
+        results["summaries"]["diffmic_v2"]["auc"]["mean"] - weighted)
