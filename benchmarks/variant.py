@@ -1,12 +1,12 @@
 """A method of the full benchmark rerun with changed options, on the same protocol, against its recorded runs.
 
 For each seed, the full benchmark's record of ``--method`` (``benchmarks/results/full/<dataset>/runs/<method>-sN``)
-gives the run's config; the ``--set`` overrides change it, and the variant is trained (resumed after a kill, or
-read back from its own record) in the work folder. It is compared on the same test images with the recorded
-method, with the recorded baseline and with any recorded method named by ``--also``: mean +- std over seeds, each seed's 95% bootstrap CI, paired bootstrap
-per seed, cost. The variant's records go to ``<out>/<dataset>/variants/<tag>/runs/`` and its table to
-``<out>/<dataset>/variants/<tag>.{json,md}``. One process per seed runs them in parallel; ``--finished-only``
-then writes the table from every finished seed.
+gives the run's config; the ``--set`` overrides change it, and the variant is trained (resumed after a kill, or read
+back from its own record) in the work folder. It is compared on the same test images with the recorded method, with
+the recorded baseline and with any recorded method named by ``--also``: mean +- std over seeds, each seed's 95%
+bootstrap CI, paired bootstrap per seed, cost. The variant's records go to ``<out>/<dataset>/variants/<tag>/runs/``
+and its table to ``<out>/<dataset>/variants/<tag>.{json,md}``. One process per seed runs them in parallel;
+``--finished-only`` then writes the table from every finished seed.
 
     python benchmarks/variant.py --dataset retinamnist --method diffmic_v2 --tag dcg-features \\
         --set method.params.feature_encoders=dcg --seeds 0 1 2
