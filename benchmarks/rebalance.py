@@ -113,6 +113,8 @@ def parse_args() -> argparse.Namespace:
                     help="generated images per class in the generation table")
     ap.add_argument("--feature-epochs", type=int, default=5, help="epochs of the domain feature extractor")
     ap.add_argument("--no-generation-table", action="store_true")
+    ap.add_argument("--generation-only", action="store_true",
+                    help="only the generation table of --generation-seeds (generation.{json,md}); trains no arm")
     ap.add_argument("--generation-seeds", nargs="+", type=int, default=None,
                     help="seeds that get the generation table (default: every seed)")
     ap.add_argument("--limit-train-batches", type=float, default=None)
@@ -135,6 +137,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=here / "results" / "rebalance")
     ap.add_argument("--work", type=Path, default=here / "work" / "rebalance")
     args = ap.parse_args()
+    if args.generation_only:
+        args.arms = []  # the pool then holds only the table's images
     if args.quick:
         args.seeds, args.epochs, args.generator_epochs, args.generator_size = args.seeds[:1], 1, 1, "tiny"
         args.limit_train_batches = args.limit_train_batches or 2
@@ -311,10 +315,12 @@ class Bench:
             return False
         meta = json.loads((source / GENERATOR_DIR / "model.json").read_text())
         theirs = load_config(source / CONFIG_FILE)
-        same = (not generator_param_changes(source, params) and meta["seed"] == seed
+        changes = generator_param_changes(source, params)
+        same = (not changes and meta["seed"] == seed
                 and _same_data(theirs.data, cfg.data) and theirs.train.batch_size == cfg.train.batch_size)
         if not same:
-            log.warning("%s was trained otherwise than this benchmark's generator; training seed %d's", source, seed)
+            log.warning("%s was trained otherwise than this benchmark's %s (%s); training seed %d's", source,
+                        run_dir.name, "; ".join(changes) or "seed, data or batch size", seed)
             return False
         shutil.copytree(source, run_dir, dirs_exist_ok=True)
         atomic_write_json(run_dir / "bench_cost.json", {"train_seconds": meta["train_seconds"], "all_segments": True,
@@ -479,6 +485,9 @@ def main() -> None:
         for seed in args.seeds:
             print("pool ready:", bench.pool(seed))
         return
+    if args.generation_only:
+        write_generation_results(bench)
+        return
     results: dict = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                      "train_counts": dict(zip(bench.train.class_names, bench.train.class_counts().tolist())),
                      "arms": {}, "comparisons": {}, "generation": {}, "candidates": {}}
@@ -542,6 +551,19 @@ def main() -> None:
     print("\n".join(md))
 
 
+def write_generation_results(bench: Bench) -> None:
+    """``generation.{json,md}``: the generation table of the requested seeds, without the classifier arms."""
+    a = bench.args
+    generation = {s: bench.generation_table(s) for s in a.seeds if bench.wants_generation_table(s)}
+    md = [f"# Generated vs real images ({DATASET}): diffusion (with and without L_Cont) and traditional augmentation\n",
+          f"Seeds {list(generation)}; {a.eval_per_class} images per class and source; generator epochs "
+          f"{a.generator_epochs} ({a.generator_size}). Each seed's table is kept in generation/s<seed>.json.\n",
+          *generation_markdown(generation, bench.train.class_names)]
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+    write_results(a.out, "generation", {"settings": settings, "generation": generation}, "\n".join(md))
+    print("\n".join(md))
+
+
 def dcube_selection(bench: Bench, seeds: list[int]) -> list[str]:
     """Arm f's Fig. 2 analogue (first seed) and the blocks its KS test selected per seed."""
     from diffmed.methods.dcube import read_selection
@@ -569,6 +591,12 @@ def epoch_budget(bench: Bench) -> str:
     return "every arm trains on all its images each epoch"
 
 
+def _mean_cell(values: list, fmt: str) -> str:
+    """Mean of the known values (a reused generator's peak memory is unknown), "-" when none is."""
+    known = [v for v in values if v is not None]
+    return fmt.format(np.mean(known)) if known else "-"
+
+
 def generation_markdown(generation: dict, class_names: list[str]) -> list[str]:
     """Generation table (mean over seeds) and the cost table."""
     if not generation:
@@ -587,15 +615,17 @@ def generation_markdown(generation: dict, class_names: list[str]) -> list[str]:
                 rows.append([src, cls, *(f"{np.mean([v[k] for v in vals]):.4g}" for k in keys)])
         cost = [generation[s][src].get("cost", {}) for s in seeds]
         if cost and cost[0]:
-            cost_rows.append([src, f"{np.mean([c['images_per_second'] for c in cost]):.1f}",
-                              f"{np.mean([c['peak_memory_mb'] for c in cost]):.0f}"])
+            cost_rows.append([src, _mean_cell([c["images_per_second"] for c in cost], "{:.1f}"),
+                              _mean_cell([c["peak_memory_mb"] for c in cost], "{:.0f}")])
     for kind, label in (("lcont", "generator training, L_Cont"), ("plain", "generator training, no L_Cont")):
         cost = [generation[s]["generator_cost"].get(kind, {}) for s in seeds]
         if cost and cost[0]:
             partial = any(c.get("resumed") and not c.get("all_segments") for c in cost)
             label += " (time since the last resume only)" if partial else ""
-            cost_rows.append([label, f"{np.mean([c['train_seconds'] for c in cost]):.0f} s",
-                              f"{np.mean([c['peak_memory_mb'] for c in cost]):.0f}"])
+            label += " (reused from --generators-from: memory not measured here)" if all(
+                c.get("reused_from") for c in cost) else ""
+            cost_rows.append([label, _mean_cell([c["train_seconds"] for c in cost], "{:.0f} s"),
+                              _mean_cell([c["peak_memory_mb"] for c in cost], "{:.0f}")])
     return ["## Generation quality per class (real training images as reference; mean over seeds)\n",
             f"Feature spaces: {', '.join(spaces)} (one domain extractor per seed, trained on the real training "
             "images; FID/KID/precision/recall are comparable within a seed's feature space only).\n",

@@ -111,3 +111,24 @@ def test_a_full_benchmark_generator_is_reused_only_when_trained_as_this_one_woul
     assert (bench.records / "generators" / "lcont-s0" / "generator" / "model.safetensors").is_file()
     with pytest.raises(Trained):
         bench.generator(0, contrastive=False)  # the ablation generator is never the full benchmark's
+
+
+def test_generation_only_reports_the_kept_table_without_training_and_a_reused_generator_has_no_memory(
+        bench_args, monkeypatch):
+    committed = rb.Path(rb.__file__).parent / "results" / "rebalance" / "generation" / "s0.json"
+    args = bench_args("--generation-only", "--seeds", "0", "--generation-seeds", "0")
+    assert args.arms == []  # no arm shapes the sample pool
+    kept = json.loads(committed.read_text())
+    kept["generator_cost"]["lcont"]["peak_memory_mb"] = None  # reused from the full benchmark: not measured here
+    kept["generator_cost"]["lcont"]["reused_from"] = "elsewhere"
+    (args.out / "generation").mkdir(parents=True)
+    (args.out / "generation" / "s0.json").write_text(json.dumps(kept))
+    monkeypatch.setattr(rb, "run_or_resume", refuse_training)
+    monkeypatch.setattr("diffmed.diffusion.generative.train_generator", refuse_training)
+    monkeypatch.setattr(sys, "argv", sys.argv)  # main parses the fixture's argv again
+    rb.main()
+    md = (args.out / "generation.md").read_text()
+    assert "| diffusion no L_Cont, DDIM 25 | overall |" in md
+    line = next(r for r in md.splitlines() if r.startswith("| generator training, L_Cont"))
+    assert "memory not measured here" in line and line.rstrip().endswith("| - |")
+    assert json.loads((args.out / "generation.json").read_text())["generation"]["0"] == kept
