@@ -39,7 +39,7 @@ from pathlib import Path
 
 from diffmed.bench import (GENERATOR_DONE, GENERATOR_RECORD, RUN_RECORD, check_same_settings, cost_ratio,
                            dataset_overrides, fmt, keep_record, markdown_table, paired, per_seed_ci, pvalue_cells,
-                           restore_records, run_or_resume, summarize, write_results)
+                           restore_records, run_or_resume, settings_of, summarize, write_results)
 from diffmed.config import load_config
 from diffmed.diffusion.generative import train_generator
 from diffmed.methods.dcube import TABLE_IV, TABLE_VI, TABLE_VII, read_selection
@@ -375,7 +375,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     restore_dcube_records(args)
-    results: dict = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    results: dict = {"settings": settings_of(args)}
     md = ["# D-Cube vs ResNet-18 and DiffMIC-v2\n"]
     if not args.ablation_only:
         for dataset in args.datasets:

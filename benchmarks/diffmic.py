@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from diffmed.bench import (RUN_RECORD, cost_ratio, dataset_overrides, fmt, keep_record, markdown_table, mean_std,
-                           paired, per_seed_ci, pvalue_cells, read_json, restore_records, run_or_resume, summarize,
-                           weighted_run, write_results)
+                           paired, per_seed_ci, pvalue_cells, read_json, restore_records, run_or_resume,
+                           settings_of, summarize, weighted_run, write_results)
 from diffmed.engine.checkpoint import atomic_write_json
 from diffmed.methods.diffmic.method import DCG_WEIGHTS, VARIANTS
 
@@ -309,7 +309,7 @@ def main() -> None:
     name, job = (("ablation", ablation) if args.ablation else ("sweep", sweep) if args.sweep
                  else ("results", compare_main))
     results, md = job(args, epochs)
-    results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    results["settings"] = settings_of(args)
     write_results(args.out, name, results, md)
     print(md)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils import benchmark
 
-from diffmed.bench import markdown_table, write_results
+from diffmed.bench import markdown_table, settings_of, write_results
 from diffmed.config import OptimConfig
 from diffmed.data.types import TaskSpec
 from diffmed.methods.registry import create_method
@@ -89,7 +89,7 @@ def main() -> None:
     rows.update({name: ms_per_image(fn, len(images), args.min_run_time)
                  for name, fn in components(method, images).items()})
     tag = f"cost_{args.image_size}px" + (f"_{args.tag}" if args.tag else "")
-    results = {"ms_per_image": rows, "settings": vars(args) | {"out": str(args.out)},
+    results = {"ms_per_image": rows, "settings": settings_of(args),
                "params": method.params.model_dump()}
     md = (f"# DiffMIC-v2 inference cost by component{' (' + ', '.join(args.set) + ')' if args.set else ''}, "
           f"{args.image_size} px, {args.channels} channel(s), "

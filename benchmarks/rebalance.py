@@ -52,7 +52,7 @@ from diffmed.augment import (MANIFEST, STRATEGIES, AugmentPlan, ManifestProducer
 from diffmed.bench import GENERATOR_RECORD as BASE_GENERATOR_RECORD, RUN_RECORD as BASE_RUN_RECORD
 from diffmed.bench import (GENERATOR_DONE, check_same_settings, dataset_overrides, fmt, keep_record, markdown_table,
                            per_seed_ci, read_json, record_complete, restore_records, run_or_resume, save_configs,
-                           summarize, write_results)
+                           settings_of, summarize, write_results)
 from diffmed.config import DataConfig, load_config
 from diffmed.data import load_source
 from diffmed.data.types import LabelledSet
@@ -488,7 +488,7 @@ def main() -> None:
     if args.generation_only:
         write_generation_results(bench)
         return
-    results: dict = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    results: dict = {"settings": settings_of(args),
                      "train_counts": dict(zip(bench.train.class_names, bench.train.class_counts().tolist())),
                      "arms": {}, "comparisons": {}, "generation": {}, "candidates": {}}
     runs: dict[str, dict[int, dict]] = {}  # arm -> seed -> metrics
@@ -559,8 +559,7 @@ def write_generation_results(bench: Bench) -> None:
           f"Seeds {list(generation)}; {a.eval_per_class} images per class and source; generator epochs "
           f"{a.generator_epochs} ({a.generator_size}). Each seed's table is kept in generation/s<seed>.json.\n",
           *generation_markdown(generation, bench.train.class_names)]
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
-    write_results(a.out, "generation", {"settings": settings, "generation": generation}, "\n".join(md))
+    write_results(a.out, "generation", {"settings": settings_of(a), "generation": generation}, "\n".join(md))
     print("\n".join(md))
 
 

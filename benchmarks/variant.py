@@ -19,7 +19,7 @@ from pathlib import Path
 
 from diffmed.bench import (GENERATOR_DONE, RUN_RECORD, cost_ratio, dataset_overrides, fmt, keep_record,
                            markdown_table, paired, per_seed_ci, pvalue_cells, restore_records, run_or_resume,
-                           summarize, write_results)
+                           settings_of, summarize, write_results)
 from diffmed.config import load_config
 
 PAIRED = ("acc", "balanced_acc", "f1_macro", "auc")
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     if not seeds:
         raise SystemExit(f"no finished {args.tag} run of {args.method} on {args.dataset} for seeds {args.seeds}")
     results, md = table(args, seeds)
-    results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    results["settings"] = settings_of(args)
     write_results(args.out / args.dataset / "variants", args.tag, results, md)
     print(md)
 

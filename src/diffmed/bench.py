@@ -8,6 +8,7 @@ folder, so a benchmark carries across machines and sessions without its checkpoi
 """
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import logging
@@ -137,6 +138,11 @@ def fmt(stat: dict) -> str:
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    """A benchmark's parsed arguments as JSON values (paths as text), saved beside its results."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
 def read_json(path: Path) -> dict:
