@@ -208,9 +208,11 @@ def arm_overrides(args: argparse.Namespace, dataset: str, seed: int, arm: str, b
 
 
 def finished_seeds(args: argparse.Namespace, dataset: str, arm: str) -> list[int]:
-    """Seeds of ``--seeds`` to report: all of them, or with ``--finished-only`` those whose run has finished."""
+    """Seeds of ``--seeds`` to report: all of them, or those whose run has finished with ``--finished-only`` or
+    for an arm that ``--arms`` leaves to another process."""
+    report_only = args.finished_only or (args.arms is not None and arm not in args.arms)
     return [s for s in range(args.seeds)
-            if not args.finished_only or (arm_dir(args, dataset, arm, s) / RUN_DONE).is_file()]
+            if not report_only or (arm_dir(args, dataset, arm, s) / RUN_DONE).is_file()]
 
 
 def arm_results(args: argparse.Namespace, dataset: str, arm: str) -> dict | None:
@@ -358,6 +360,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--diffmic-params", nargs="*", default=[], help="key=value options of DiffMIC-v2 only")
     ap.add_argument("--ablation-only", action="store_true", help="only Tables IV and VII on the first dataset")
     ap.add_argument("--no-ablation", action="store_true", help="skip Tables IV and VII")
+    ap.add_argument("--arms", nargs="+", default=None, choices=["baseline", "diffmic_v2", *ARMS],
+                    help="train only these arms' runs (e.g. to share the runs between processes); the tables "
+                    "show the other arms' finished seeds")
     ap.add_argument("--finished-only", action="store_true",
                     help="with --ablation-only: train nothing, write Tables IV and VII from the finished runs")
     ap.add_argument("--limit-train-batches", type=int, default=None, help="for smoke checks only")
@@ -367,8 +372,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dcube")
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "dcube")
     args = ap.parse_args(argv)
-    if args.finished_only and not args.ablation_only:
-        ap.error("--finished-only reports the ablation tables only: add --ablation-only")
+    if (args.finished_only or args.arms) and not args.ablation_only:
+        ap.error("--finished-only and --arms report the ablation tables only: add --ablation-only")
     return args
 
 

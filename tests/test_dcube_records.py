@@ -162,3 +162,25 @@ def test_finished_only_needs_the_full_method(tmp_path, shared_data):
                           "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
     with pytest.raises(SystemExit, match="no finished full D-Cube run"):
         dc.ablations(args, DATASET)
+
+
+def test_arms_trains_only_those_arms_and_reports_the_others_finished_seeds(tmp_path, shared_data, monkeypatch):
+    recorded = Path(__file__).resolve().parents[1] / "benchmarks/results/dcube/ablation/records" / DATASET / "dcube-s0"
+    args = dc.parse_args(["--ablation-only", "--arms", "t4_fs", "--datasets", DATASET, "--seeds", "2",
+                          "--n-boot", "50", "--data-dir", str(shared_data), "--out", str(tmp_path / "out"),
+                          "--work", str(tmp_path / "work")])
+    shutil.copytree(recorded, args.work / DATASET / "dcube-s0")  # seed 1 of the full method: another process's
+    trained = []
+
+    def fake_training(cfg, run_dir):
+        trained.append(run_dir.name)
+        shutil.copytree(recorded, run_dir, dirs_exist_ok=True)
+
+    monkeypatch.setattr(dc, "run_or_resume", fake_training)
+    monkeypatch.setattr(dc, "generator", lambda *a, **k: tmp_path / "generator")
+    monkeypatch.setattr(dc, "check_same_settings", lambda *a, **k: None)
+    results, _ = dc.ablations(args, DATASET)
+    assert trained == ["t4_fs-s0", "t4_fs-s1"]
+    assert results["rows"]["dcube"]["n_seeds"] == 1 and results["rows"]["t4_fs"]["n_seeds"] == 2
+    with pytest.raises(SystemExit):
+        dc.parse_args(["--arms", "t4_fs"])  # the main comparison needs every arm
