@@ -492,3 +492,21 @@ def test_cost_benchmark_times_every_component():
     shared = cost.components(make(feature_encoders="dcg").eval(), torch.randn(4, 1, 28, 28))
     assert len(shared) == 5 and "F: projections of the DCG features" in shared
     assert all(cost.ms_per_image(fn, 4, 0.01) > 0 for fn in shared.values())
+
+
+def test_local_pretrained_weights_reach_only_the_encoders_named(tmp_path):
+    from safetensors.torch import save_file
+
+    donor = make()
+    save_file({k: v.contiguous() for k, v in donor.dcg.global_encoder.state_dict().items()},
+              str(tmp_path / "global.safetensors"))
+    torch.manual_seed(1)  # another initialisation than the donor's
+    model = create_method("diffmic_v2", BINARY, {**FAST, "pretrained": {"global": str(tmp_path / "global.safetensors")}},
+                          OptimConfig(lr=1e-3), 2)
+    for name, weight in donor.dcg.global_encoder.state_dict().items():
+        torch.testing.assert_close(model.dcg.global_encoder.state_dict()[name], weight)
+    assert not torch.equal(model.dcg.local_encoder.conv1[0].weight, donor.dcg.local_encoder.conv1[0].weight)
+    with pytest.raises(ConfigError, match="not found"):
+        make(pretrained={"roi": str(tmp_path / "missing.safetensors")})
+    with pytest.raises(Exception, match="backbone"):
+        make(pretrained={"backbone": "x.safetensors"})  # not an encoder of the method

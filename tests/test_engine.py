@@ -82,6 +82,23 @@ def test_trained_model_loads_from_safetensors_and_predicts_the_same(tmp_path, ti
     torch.testing.assert_close(method.predict_logits(x), again.predict_logits(x))
 
 
+def test_a_model_started_from_a_local_weights_file_loads_after_the_file_is_gone(tmp_path, tiny_pneumonia):
+    from safetensors.torch import save_file
+
+    from diffmed.models import create_backbone
+
+    weights = tmp_path / "start.safetensors"
+    save_file({k: v.contiguous() for k, v in create_backbone("resnet18", 1, 0, 28).state_dict().items()}, str(weights))
+    run_dir = train(load_config(None, tiny_overrides(tiny_pneumonia, **{"train.max_epochs": 1,
+                                                                        "method.params.pretrained": str(weights)})),
+                    tmp_path / "r")
+    weights.unlink()  # e.g. the model is used on another machine
+    method, meta, _ = load_trained(run_dir)
+    assert meta["params"]["pretrained"] == str(weights)
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(method.predict_logits(x), load_trained(run_dir)[0].predict_logits(x))
+
+
 def test_checkpoints_refuse_pickled_code(tmp_path):
     """Resume checkpoints are read with weights_only=True: an object that runs code on load is refused."""
     from diffmed.engine.checkpoint import AtomicCheckpointIO

@@ -31,5 +31,8 @@ def create_method(name: str, spec: TaskSpec, params: dict[str, Any], optim: Opti
 
 
 def saved_method_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """A saved model's options: ``params`` over the former defaults of the options it predates."""
+    """A saved model's options to rebuild it for its saved weights: ``params`` over the former defaults of the
+    options it predates, and no pretrained start (``pretrained``, ``*_pretrained``): the saved weights replace it,
+    and the hub or the file it came from may be out of reach where the model is used."""
+    params = {k: False if k == "pretrained" or k.endswith("_pretrained") else v for k, v in params.items()}
     return {**METHODS.get(name).Params.saved_defaults, **params}

@@ -86,12 +86,12 @@ class DCG(nn.Module):
 
     def __init__(self, channels: int, num_classes: int, image_size: int, multilabel: bool, global_backbone: str,
                  local_backbone: str, num_rois: int, roi_size: int, attention_dim: int,
-                 pretrained: bool = False) -> None:
+                 global_weights: bool | str = False, local_weights: bool | str = False) -> None:
         super().__init__()
         self.num_rois, self.roi_size, self.multilabel = num_rois, roi_size, multilabel
-        self.global_encoder = create_backbone(global_backbone, channels, 0, image_size, pretrained=pretrained)
+        self.global_encoder = create_backbone(global_backbone, channels, 0, image_size, pretrained=global_weights)
         self.saliency = nn.Conv2d(self.global_encoder.num_features, num_classes, 1)
-        self.local_encoder = create_backbone(local_backbone, channels, 0, roi_size, pretrained=pretrained)
+        self.local_encoder = create_backbone(local_backbone, channels, 0, roi_size, pretrained=local_weights)
         dim = self.local_encoder.num_features
         self.attention = GatedAttention(dim, attention_dim)
         self.local_head = nn.Linear(dim, num_classes)

@@ -78,8 +78,15 @@ class DiffMICParams(BaseParams):
     patch_size: int | None = Field(None, ge=1)
     """ViT patch size of ``image_backbone`` (default ``default_patch_size``: a 4x4 token grid at 28 px, 8x8 at
     64 px, 16 px patches from 128 px; 49 tokens at 28 px cost 0.7x a baseline forward, 16 cost 0.2x)."""
-    pretrained: bool = False
-    """Load timm hub weights for every backbone (needs network); never required."""
+    pretrained: bool | dict[Literal["global", "local", "image", "roi"], str] = False
+    """Pretrained weights, never required. ``true``: timm hub weights for every backbone (needs network); a mapping
+    from encoder (global, local, image, roi: the backbones above) to a local weights file (safetensors or a torch
+    state dict), e.g. ``{global: resnet18.safetensors}``: those encoders start from the file, the others from
+    scratch; layers whose shapes differ (a classifier, a ViT's patch grid) keep their initialisation."""
+
+    def weights(self, encoder: str) -> bool | str:
+        """``create_backbone``'s ``pretrained`` for one encoder."""
+        return self.pretrained.get(encoder, False) if isinstance(self.pretrained, dict) else self.pretrained
     num_rois: int = Field(6, ge=1)
     """K: ROIs cropped at the most salient positions."""
     roi_size: int | None = Field(None, ge=4)
@@ -314,19 +321,19 @@ class DiffMICv2(ClassifierMethod):
         p, spec = self.params, self.spec
         vit = {"patch_size": p.patch_size or default_patch_size(spec.image_size)} if is_vit(p.image_backbone) else {}
         self.image_encoder = create_backbone(p.image_backbone, spec.channels, 0, spec.image_size,
-                                             pretrained=p.pretrained, **vit)
+                                             pretrained=p.weights("image"), **vit)
         probe(self.image_encoder, spec.channels, spec.image_size, "image_backbone", p.image_backbone)
         self.image_proj = nn.Linear(self.image_encoder.num_features, h)
         if self.variant.fused_features:
             self.roi_encoder = create_backbone(p.roi_backbone, spec.channels, 0, self.roi_size,
-                                               pretrained=p.pretrained)
+                                               pretrained=p.weights("roi"))
             probe(self.roi_encoder, spec.channels, self.roi_size, "roi_backbone", p.roi_backbone)
             self.roi_proj = nn.Linear(self.roi_encoder.num_features, h)
 
     def _build_dcg(self) -> DCG:
         p, spec = self.params, self.spec
         dcg = DCG(spec.channels, spec.num_classes, spec.image_size, spec.multilabel, p.global_backbone,
-                  p.local_backbone, p.num_rois, self.roi_size, p.attention_dim, p.pretrained)
+                  p.local_backbone, p.num_rois, self.roi_size, p.attention_dim, p.weights("global"), p.weights("local"))
         probe(dcg.local_encoder, spec.channels, self.roi_size, "local_backbone", p.local_backbone)
         h, w = probe(dcg, spec.channels, spec.image_size, "global_backbone", p.global_backbone,
                      dcg.saliency_map).shape[-2:]
