@@ -169,7 +169,8 @@ def test_arms_trains_only_those_arms_and_reports_the_others_finished_seeds(tmp_p
     args = dc.parse_args(["--ablation-only", "--arms", "t4_fs", "--datasets", DATASET, "--seeds", "2",
                           "--n-boot", "50", "--data-dir", str(shared_data), "--out", str(tmp_path / "out"),
                           "--work", str(tmp_path / "work")])
-    shutil.copytree(recorded, args.work / DATASET / "dcube-s0")  # seed 1 of the full method: another process's
+    # the full method has finished seed 0; its seed 1 is left to another process
+    shutil.copytree(recorded, args.work / DATASET / "dcube-s0")
     trained = []
 
     def fake_training(cfg, run_dir):

@@ -92,11 +92,12 @@ def test_a_model_started_from_a_local_weights_file_loads_after_the_file_is_gone(
     run_dir = train(load_config(None, tiny_overrides(tiny_pneumonia, **{"train.max_epochs": 1,
                                                                         "method.params.pretrained": str(weights)})),
                     tmp_path / "r")
+    x = torch.randn(2, 1, 28, 28)
+    before = load_trained(run_dir)[0].predict_logits(x)
     weights.unlink()  # e.g. the model is used on another machine
     method, meta, _ = load_trained(run_dir)
     assert meta["params"]["pretrained"] == str(weights)
-    x = torch.randn(2, 1, 28, 28)
-    torch.testing.assert_close(method.predict_logits(x), load_trained(run_dir)[0].predict_logits(x))
+    torch.testing.assert_close(method.predict_logits(x), before)
 
 
 def test_checkpoints_refuse_pickled_code(tmp_path):
