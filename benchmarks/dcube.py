@@ -65,6 +65,7 @@ PAPER_TABLE_IV = {"t4_baseline": (85.30, 75.82), "t4_lgen": (85.97, 77.10), "t4_
                   "t4_lcls": (88.26, 80.61), "dcube": (93.61, 89.69)}
 """Pancreas CT (Acc, F1) of the paper, for orientation only: a different dataset."""
 TABLE_VII_ROWS = [("x_0, t", "dcube"), ("x_t, t", "t7_xt"), ("x_0, 0", "t7_x0_0")]
+ABLATION_ARMS = sorted({arm for _, arm in TABLE_IV_ROWS + TABLE_VII_ROWS})
 REBALANCE_NAMES = {"lgen": "lcont", "plain": "plain"}
 """Generator folder names in ``benchmarks/rebalance.py``'s work (``--generators``)."""
 RUN_DONE = "metrics.json"
@@ -300,8 +301,7 @@ def compare_dataset(args: argparse.Namespace, dataset: str) -> tuple[dict, str]:
 
 def ablations(args: argparse.Namespace, dataset: str) -> tuple[dict, str]:
     """Table IV (cumulative components) and Table VII (input) on ``dataset``."""
-    needed = sorted({arm for _, arm in TABLE_IV_ROWS + TABLE_VII_ROWS})
-    res = {arm: r for arm in needed if (r := arm_results(args, dataset, arm)) is not None}
+    res = {arm: r for arm in ABLATION_ARMS if (r := arm_results(args, dataset, arm)) is not None}
     if "dcube" not in res:
         raise SystemExit(f"no finished full D-Cube run on {dataset} (dcube-sN in {args.work / dataset}): "
                          "every ablation row is compared with it")
@@ -360,7 +360,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--diffmic-params", nargs="*", default=[], help="key=value options of DiffMIC-v2 only")
     ap.add_argument("--ablation-only", action="store_true", help="only Tables IV and VII on the first dataset")
     ap.add_argument("--no-ablation", action="store_true", help="skip Tables IV and VII")
-    ap.add_argument("--arms", nargs="+", default=None, choices=["baseline", "diffmic_v2", *ARMS],
+    ap.add_argument("--arms", nargs="+", default=None, choices=ABLATION_ARMS,
                     help="train only these arms' runs (e.g. to share the runs between processes); the tables "
                     "show the other arms' finished seeds")
     ap.add_argument("--finished-only", action="store_true",
