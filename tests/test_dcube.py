@@ -175,6 +175,22 @@ def test_head_diffusion_channels_widen_m_and_each_channel_gets_every_subfeature_
     assert wide.logits_with(wide.head, x, None).shape == (4, 2)
 
 
+def test_pooled_features_join_the_paper_map_at_the_fully_connected_layers(real_batch):
+    paper, pooled = tiny_method(subfeatures=None), tiny_method(subfeatures=None, pooled_features=True)
+    x = real_batch[0][:4]
+    maps = list(pooled.frozen.features(x, 100, layers=pooled.layers).values())
+    conv_dims = paper.head.fc[1].in_features
+    assert paper.head.pooled_norm is None
+    assert pooled.head.fc[1].in_features == conv_dims + sum(m.shape[1] for m in maps)
+    head = pooled.head.eval()
+    with torch.no_grad():
+        head.fc[1].weight[:, :conv_dims] = 0  # silence the map path: what is left is the pooled means alone
+        means = head.pooled_norm(torch.cat([m.mean(dim=(-2, -1)) for m in maps], dim=1))
+        expected = head.fc(torch.cat([torch.zeros(len(x), conv_dims), means], dim=1))
+        logits = head(maps)
+    assert torch.allclose(logits, expected, atol=1e-5) and logits.std(dim=0).min() > 0
+
+
 def test_cycle_loss_trains_the_head_and_not_the_frozen_model(real_batch):
     method = tiny_method()
     x, y = real_batch

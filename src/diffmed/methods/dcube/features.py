@@ -87,6 +87,11 @@ class FrozenDiffusion(nn.Module):
         """Rows/columns of a ``side``-px feature map that cover the image, not the backbone's zero padding."""
         return max(1, -(-side * self.net.image_size // self.net.padded_size))
 
+    def crop(self, feature: torch.Tensor) -> torch.Tensor:
+        """A (N, C, h, w) block output cut to the image area."""
+        side = self.crop_side(feature.shape[-1])
+        return feature[..., :side, :side]
+
     # --- inputs -----------------------------------------------------------------------------------
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
         """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (``noise`` broadcasts over the batch)."""

@@ -168,8 +168,7 @@ def analyze_gaussianity(generator, images: torch.Tensor, layers: list[str] | Non
                 with torch.no_grad():
                     feats = frozen.features(frozen.model_input(x0, t, input, noise), t, names)
                 for n, f in feats.items():
-                    side = frozen.crop_side(f.shape[-1])
-                    accs[n].add(f[..., :side, :side])
+                    accs[n].add(frozen.crop(f))
             for i, n in enumerate(names):
                 statistics[i, j], pvalues[i, j] = accs[n].result()
     finally:

@@ -110,6 +110,9 @@ class DCubeParams(BaseParams):
     """Channels the selected hyper-features are reduced to before the conv stages. 1: the paper's single-channel
     map m, one number per pixel for every class. 16 did not help on RetinaMNIST (5 classes, 3 seeds: macro-F1 0.248
     against 0.271; ``benchmarks/results/full/retinamnist/variants/diffusion-channels-16.md``)."""
+    pooled_features: bool = False
+    """Also feed the spatial means of the selected blocks to the fully connected layers (not in the paper; see
+    head.py). Off: the paper's head."""
     feature_size: int | None = Field(None, ge=2)
     """Common side of the feature maps in the head (default: the largest selected map, at most 16)."""
     head_width: int = Field(64, ge=8)
@@ -181,7 +184,8 @@ class DCube(ClassifierMethod):
             sub = SubFeatures(p.subfeatures, spec.channels, spec.image_size, p.sub_channels,
                               p.subfeatures_pretrained) if p.subfeatures else None
             self.head = DCubeHead([s[0] for s in shapes.values()], size, spec.num_outputs, sub, p.sub_channels,
-                                  p.head_width, p.head_hidden, p.head_dropout, p.diffusion_channels)
+                                  p.head_width, p.head_hidden, p.head_dropout, p.diffusion_channels,
+                                  p.pooled_features)
         self.ema_head = copy.deepcopy(self.head).requires_grad_(False).eval() if p.ema_decay else None
 
     def frozen_submodules(self) -> list[torch.nn.Module]:
@@ -286,8 +290,7 @@ class DCube(ClassifierMethod):
         with torch.no_grad():
             x = self.frozen.model_input(images, t, self.params.input, noise)
             feats = self.frozen.features(x, t, self.layers)
-        return [f[..., : self.frozen.crop_side(f.shape[-1]), : self.frozen.crop_side(f.shape[-1])]
-                for f in feats.values()]
+        return [self.frozen.crop(f) for f in feats.values()]
 
     def logits_with(self, head: DCubeHead, images: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         return head(self.hyper_features(images, noise), images)
