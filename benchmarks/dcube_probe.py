@@ -11,7 +11,8 @@ space; the probes are standardised multinomial logistic regressions (scikit-lear
 
 each with and without balanced class weights. The inverse regularisation C is chosen on validation macro-F1
 (the benchmark's headline metric); test is read once. The table puts them next to the recorded D-Cube head and
-baseline of the same seeds. Features are cached per seed in ``--work``.
+baseline of the same seeds, with a paired bootstrap of each arm's macro-F1 against the baseline's test predictions.
+Features are cached per seed in ``--work``.
 
     python benchmarks/dcube_probe.py --dataset ham10000 --seeds 0 1 2
 """
@@ -31,6 +32,7 @@ from diffmed.bench import dataset_overrides, fmt, markdown_table, mean_std, sett
 from diffmed.config import load_config
 from diffmed.diffusion.generative import load_generator
 from diffmed.engine.data import make_datamodule, prepare_data
+from diffmed.evaluation.compare import load_predictions, paired_bootstrap
 from diffmed.evaluation.metrics import bootstrap_ci, classification_metrics
 from diffmed.methods.dcube.features import FrozenDiffusion, seeded_noise
 
@@ -88,8 +90,10 @@ def design(arrays: dict[str, np.ndarray], split: str, which: str) -> np.ndarray:
     return np.concatenate([arrays[f"{split}/{n}"] for n in names], axis=1)
 
 
-def probe(arrays: dict[str, np.ndarray], which: str, balanced: bool, seed: int, task: str) -> dict:
-    """C chosen on validation macro-F1; test metrics (with 95% bootstrap CIs) of that C."""
+def probe(arrays: dict[str, np.ndarray], which: str, balanced: bool, seed: int, task: str,
+          baseline: np.ndarray) -> dict:
+    """C chosen on validation macro-F1; test metrics (with 95% bootstrap CIs) of that C, and its macro-F1 minus
+    the baseline's (``baseline``: its test probabilities), paired bootstrap."""
     x = {s: design(arrays, s, which) for s in SPLITS}
     y = {s: arrays[f"{s}/y"].astype(int) for s in SPLITS}
     best = None
@@ -105,23 +109,35 @@ def probe(arrays: dict[str, np.ndarray], which: str, balanced: bool, seed: int, 
     test = classification_metrics(task, y["test"], probs)
     ci = bootstrap_ci(task, y["test"], probs, METRICS)
     return {"C": c, "dims": int(x["train"].shape[1]), "val": {m: val[m] for m in METRICS},
-            "test": {m: test[m] for m in METRICS}, "test_ci": ci}
+            "test": {m: test[m] for m in METRICS}, "test_ci": ci,
+            "f1_vs_baseline": paired_bootstrap(task, y["test"], probs, baseline, "f1_macro", seed=seed)}
 
 
-def recorded_arm(args: argparse.Namespace, method: str, seed: int) -> dict:
+def recorded_arm(args: argparse.Namespace, method: str, seed: int, baseline: np.ndarray) -> dict:
     m = json.loads((record(args, method, seed) / "metrics.json").read_text())
+    pred = load_predictions(record(args, method, seed))
     return {"val": {k: m["val"].get(k, float("nan")) for k in METRICS}, "test": {k: m["test"][k] for k in METRICS},
-            "test_ci": m.get("test_ci", {})}
+            "test_ci": m.get("test_ci", {}),
+            "f1_vs_baseline": paired_bootstrap(m["task"], pred.y_true, pred.probs, baseline, "f1_macro", seed=seed)}
+
+
+def baseline_probs(args: argparse.Namespace, seed: int, y_test: np.ndarray) -> np.ndarray:
+    """The recorded baseline's test probabilities, checked to be of the same images in the same order."""
+    pred = load_predictions(record(args, "baseline", seed))
+    if not np.array_equal(pred.y_true, y_test):
+        raise SystemExit(f"{pred.run_dir}: its test targets differ from this split's; is --data-dir the benchmark's?")
+    return pred.probs
 
 
 def arms_of_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
     arrays = extract(args, seed)
     task = json.loads((record(args, "dcube", seed) / "metrics.json").read_text())["task"]
-    arms = {"baseline (recorded)": recorded_arm(args, "baseline", seed),
-            "dcube head (recorded)": recorded_arm(args, "dcube", seed)}
+    base = baseline_probs(args, seed, arrays["test/y"].astype(int))
+    arms = {f"{m} (recorded)": recorded_arm(args, m, seed, base) for m in ("baseline", "dcube")}
     for which in FEATURE_SETS:
         for balanced in (False, True):
-            arms[f"probe: {which}{', balanced' if balanced else ''}"] = probe(arrays, which, balanced, seed, task)
+            arms[f"probe: {which}{', balanced' if balanced else ''}"] = probe(arrays, which, balanced, seed, task,
+                                                                              base)
     return arms
 
 
@@ -134,14 +150,17 @@ def table(args: argparse.Namespace, per_seed: dict[int, dict[str, dict]]) -> str
         ci = "; ".join(f"[{r['test_ci']['f1_macro']['low']:.3f}, {r['test_ci']['f1_macro']['high']:.3f}]"
                        for r in runs if "f1_macro" in r["test_ci"])
         val = "; ".join(f"{r['val']['f1_macro']:.3f}" for r in runs)
+        versus = "; ".join(f"{r['f1_vs_baseline']['diff']:+.3f} (p={r['f1_vs_baseline']['p_value']:.3f})"
+                           for r in runs)
         extra = "; ".join(f"{r['dims']} / {r['C']:g}" for r in runs) if "C" in runs[0] else "-"
-        rows.append([arm, *(fmt(stats[m]) for m in METRICS), ci, val, extra])
+        rows.append([arm, *(fmt(stats[m]) for m in METRICS), ci, versus, val, extra])
     return "\n".join([
         f"# Linear probes on D-Cube's frozen hyper-features: {args.dataset}\n",
         f"Seeds {seeds}; test set of the full benchmark's split. Probes: spatial mean of each block's output at the "
         "recorded run's timestep and input, standardised logistic regression, C chosen on validation macro-F1. "
         "`pixels` is the image pooled to 8x8. The recorded rows are the full benchmark's runs of the same seeds.\n",
-        markdown_table(["arm", *METRICS, "macro-F1 95% CI per seed", "val macro-F1 per seed",
+        markdown_table(["arm", *METRICS, "macro-F1 95% CI per seed", "macro-F1 minus baseline (p) per seed",
+                        "val macro-F1 per seed",
                         "dims / C per seed"], rows)])
 
 
