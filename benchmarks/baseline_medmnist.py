@@ -9,10 +9,9 @@ of training, model chosen on validation AUC. The paper trains 100 epochs; on 2 C
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from diffmed.bench import (dataset_overrides, fmt, markdown_table, per_seed_ci, run_or_resume, save_configs,
-                           summarize, write_results)
+from diffmed.bench import (add_location_args, dataset_overrides, fmt, markdown_table, per_seed_ci, run_or_resume,
+                           save_configs, summarize, write_results)
 
 PAPER = {  # MedMNIST v2, Table 3, ResNet-18 (28): (ACC, AUC)
     "pneumoniamnist": (0.854, 0.944),
@@ -30,9 +29,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", nargs="+", default=["pneumoniamnist=8", "retinamnist=15"],
                     help="dataset=epochs pairs")
-    ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "baseline_medmnist")
-    ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "baseline_medmnist")
+    add_location_args(ap, __file__, "baseline_medmnist")
     args = ap.parse_args()
     epochs = {k: int(v) for k, v in (e.split("=") for e in args.epochs)}
 

@@ -37,9 +37,9 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from diffmed.bench import (GENERATOR_DONE, GENERATOR_RECORD, RUN_RECORD, check_same_settings, cost_ratio,
-                           dataset_overrides, fmt, keep_record, markdown_table, paired, per_seed_ci, pvalue_cells,
-                           restore_records, run_or_resume, settings_of, summarize, write_results)
+from diffmed.bench import (GENERATOR_DONE, GENERATOR_RECORD, RUN_RECORD, add_location_args, check_same_settings,
+                           cost_ratio, dataset_overrides, fmt, keep_record, markdown_table, paired, per_seed_ci,
+                           pvalue_cells, restore_records, run_or_resume, settings_of, summarize, write_results)
 from diffmed.config import load_config
 from diffmed.diffusion.generative import train_generator
 from diffmed.methods.dcube import TABLE_IV, TABLE_VI, TABLE_VII, read_selection
@@ -368,9 +368,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--limit-train-batches", type=int, default=None, help="for smoke checks only")
     ap.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples")
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
-    ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dcube")
-    ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "dcube")
+    add_location_args(ap, __file__, "dcube")
     args = ap.parse_args(argv)
     if (args.finished_only or args.arms) and not args.ablation_only:
         ap.error("--finished-only and --arms report the ablation tables only: add --ablation-only")

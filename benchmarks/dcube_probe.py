@@ -28,7 +28,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from diffmed.bench import dataset_overrides, fmt, markdown_table, mean_std, settings_of, write_results
+from diffmed.bench import (add_location_args, dataset_overrides, fmt, markdown_table, mean_std, settings_of,
+                           write_results)
 from diffmed.config import load_config
 from diffmed.diffusion.generative import load_generator
 from diffmed.engine.data import make_datamodule, prepare_data
@@ -168,9 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="ham10000", help="a dataset of the full benchmark with recorded dcube runs")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "full")
-    ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "benchmark-full")
+    add_location_args(ap, __file__, "full", "benchmark-full")
     return ap.parse_args(argv)
 
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from diffmed.bench import (RUN_RECORD, cost_ratio, dataset_overrides, fmt, keep_record, markdown_table, mean_std,
-                           paired, per_seed_ci, pvalue_cells, read_json, restore_records, run_or_resume,
-                           settings_of, summarize, weighted_run, write_results)
+from diffmed.bench import (RUN_RECORD, add_location_args, cost_ratio, dataset_overrides, fmt, keep_record,
+                           markdown_table, mean_std, paired, per_seed_ci, pvalue_cells, read_json, restore_records,
+                           run_or_resume, settings_of, summarize, weighted_run, write_results)
 from diffmed.engine.checkpoint import atomic_write_json
 from diffmed.methods.diffmic.method import DCG_WEIGHTS, VARIANTS
 
@@ -298,9 +298,7 @@ def main() -> None:
                                                             "(default pneumoniamnist)")
     ap.add_argument("--sweep", action="store_true",
                     help="re-read finished full runs under other inference settings (val and test); train nothing")
-    ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "diffmic")
-    ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "diffmic")
+    add_location_args(ap, __file__, "diffmic")
     args = ap.parse_args()
     if args.ablation and args.datasets == ap.get_default("datasets"):
         args.datasets = ["pneumoniamnist"]

@@ -19,7 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
-from diffmed.bench import GENERATOR_RECORD, RUN_RECORD, dataset_overrides, keep_record, markdown_table, restore_record
+from diffmed.bench import (GENERATOR_RECORD, RUN_RECORD, add_location_args, dataset_overrides, keep_record,
+                           markdown_table, restore_record)
 from diffmed.benchmark import BUDGETS, data_overrides, write_report
 from diffmed.benchmark.arms import check_finished_runs, parse_methods, plan_jobs
 from diffmed.benchmark.report import collect, seed_cell
@@ -199,9 +200,7 @@ def main() -> None:
                     "shows every finished method")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     ap.add_argument("--finished-only", action="store_true", help="train nothing; report the finished seeds")
-    ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "full")
-    ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "benchmark-full")
+    add_location_args(ap, __file__, "full", "benchmark-full")
     args = ap.parse_args()
     methods, every = parse_methods(args.methods), parse_methods("all")
     results = committed_results(args.out, every)

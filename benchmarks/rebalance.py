@@ -50,9 +50,9 @@ import torch
 from diffmed.augment import (MANIFEST, STRATEGIES, AugmentPlan, ManifestProducer, MixedProducer, TraditionalProducer,
                              plan_from_sources, plan_strategy, read_manifest, select_misclassified, write_manifest)
 from diffmed.bench import GENERATOR_RECORD as BASE_GENERATOR_RECORD, RUN_RECORD as BASE_RUN_RECORD
-from diffmed.bench import (GENERATOR_DONE, check_same_settings, dataset_overrides, fmt, keep_record, markdown_table,
-                           per_seed_ci, read_json, record_complete, restore_records, run_or_resume, save_configs,
-                           settings_of, summarize, write_results)
+from diffmed.bench import (GENERATOR_DONE, add_location_args, check_same_settings, dataset_overrides, fmt, keep_record,
+                           markdown_table, per_seed_ci, read_json, record_complete, restore_records, run_or_resume,
+                           save_configs, settings_of, summarize, write_results)
 from diffmed.config import DataConfig, load_config
 from diffmed.data import load_source
 from diffmed.data.types import LabelledSet
@@ -95,7 +95,6 @@ ARMS = {a.name: a for a in [
 
 
 def parse_args() -> argparse.Namespace:
-    here = Path(__file__).resolve().parent
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=20, help="classifier epochs (MedMNIST schedule shape)")
@@ -133,9 +132,7 @@ def parse_args() -> argparse.Namespace:
                     help="report the finished runs (each arm over the seeds it has) and train nothing new")
     ap.add_argument("--quick", action="store_true",
                     help="1 seed, 1 epoch, 2 batches per epoch, tiny generator: checks the pipeline, not the method")
-    ap.add_argument("--data-dir", type=Path, default=here.parents[1] / "shared" / "data")
-    ap.add_argument("--out", type=Path, default=here / "results" / "rebalance")
-    ap.add_argument("--work", type=Path, default=here / "work" / "rebalance")
+    add_location_args(ap, __file__, "rebalance")
     args = ap.parse_args()
     if args.generation_only:
         args.arms = []  # the pool then holds only the table's images

@@ -17,9 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
-from diffmed.bench import (GENERATOR_DONE, RUN_RECORD, cost_ratio, dataset_overrides, fmt, keep_record,
-                           markdown_table, paired, per_seed_ci, pvalue_cells, restore_records, run_or_resume,
-                           settings_of, summarize, write_results)
+from diffmed.bench import (GENERATOR_DONE, RUN_RECORD, add_location_args, cost_ratio, dataset_overrides, fmt,
+                           keep_record, markdown_table, paired, per_seed_ci, pvalue_cells, restore_records,
+                           run_or_resume, settings_of, summarize, write_results)
 from diffmed.config import load_config
 
 PAIRED = ("acc", "balanced_acc", "f1_macro", "auc")
@@ -86,9 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--finished-only", action="store_true", help="train nothing; table from the finished seeds")
     ap.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples")
-    ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "full")
-    ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "benchmark-full")
+    add_location_args(ap, __file__, "full", "benchmark-full")
     return ap.parse_args(argv)
 
 

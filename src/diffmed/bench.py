@@ -114,6 +114,15 @@ def weighted_run(run_dir: Path, needs: str, fix: str = "train it again") -> tupl
     return trained_run(run_dir)
 
 
+def add_location_args(ap: argparse.ArgumentParser, script: str, results: str, work: str | None = None) -> None:
+    """``--data-dir`` (``shared/data`` beside the checkout), ``--out`` (``benchmarks/results/<results>``) and
+    ``--work`` (``benchmarks/work/<work>``, default ``<results>``) of the benchmark script ``script``."""
+    here = Path(script).resolve().parent
+    ap.add_argument("--data-dir", type=Path, default=here.parents[1] / "shared" / "data")
+    ap.add_argument("--out", type=Path, default=here / "results" / results)
+    ap.add_argument("--work", type=Path, default=here / "work" / (work or results))
+
+
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
     v = np.asarray(list(values), dtype=float)
     return float(np.nanmean(v)), float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0
