@@ -33,6 +33,7 @@ from diffmed.bench import (add_location_args, dataset_overrides, fmt, markdown_t
 from diffmed.config import load_config
 from diffmed.diffusion.generative import load_generator
 from diffmed.engine.data import make_datamodule, prepare_data
+from diffmed.engine.inference import pick_device
 from diffmed.evaluation.compare import load_predictions, paired_bootstrap
 from diffmed.evaluation.metrics import bootstrap_ci, classification_metrics
 from diffmed.methods.dcube.features import FrozenDiffusion, seeded_noise
@@ -50,10 +51,10 @@ def record(args: argparse.Namespace, method: str, seed: int) -> Path:
 
 def pooled(frozen: FrozenDiffusion, params: dict, images: torch.Tensor, noise: torch.Tensor) -> dict[str, np.ndarray]:
     """Per-block spatial means (N, C) of one frozen pass, and the 8x8 pooled image."""
-    t = params["timestep"]
+    t, device = params["timestep"], frozen.alphas_cumprod.device
     with torch.no_grad():
-        feats = frozen.features(frozen.model_input(images, t, params["input"], noise), t)
-    out = {name: frozen.crop(f).mean(dim=(-2, -1)).numpy() for name, f in feats.items()}
+        feats = frozen.features(frozen.model_input(images.to(device), t, params["input"], noise.to(device)), t)
+    out = {name: frozen.crop(f).mean(dim=(-2, -1)).cpu().numpy() for name, f in feats.items()}
     out["pixels"] = torch.nn.functional.adaptive_avg_pool2d(images, PIXEL_SIDE).flatten(1).numpy()
     return out
 
@@ -68,7 +69,8 @@ def extract(args: argparse.Namespace, seed: int) -> dict[str, np.ndarray]:
     params = json.loads((run / "model" / "model.json").read_text())["params"]
     data = prepare_data(cfg, cache.parent / f"dcube_probe-s{seed}")
     dm = make_datamodule(cfg, data)
-    frozen = FrozenDiffusion.from_generator(load_generator(args.out / args.dataset / "stages" / f"generator-s{seed}"))
+    generator = load_generator(args.out / args.dataset / "stages" / f"generator-s{seed}")
+    frozen = FrozenDiffusion.from_generator(generator).to(pick_device())
     noise = seeded_noise((1, data.spec.channels, data.spec.image_size, data.spec.image_size), params["noise_seed"])
     arrays: dict[str, np.ndarray] = {}
     for split in SPLITS:
@@ -86,7 +88,9 @@ def extract(args: argparse.Namespace, seed: int) -> dict[str, np.ndarray]:
 
 
 def design(arrays: dict[str, np.ndarray], split: str, which: str) -> np.ndarray:
-    blocks = [k.split("/", 1)[1] for k in arrays if k.startswith(f"{split}/") and k.split("/", 1)[1] not in ("y", "pixels")]
+    """The (N, D) probe input of one split: the selected blocks, every block or the pooled pixels."""
+    keys = [k.split("/", 1)[1] for k in arrays if k.startswith(f"{split}/")]
+    blocks = [k for k in keys if k not in ("y", "pixels")]
     names = {"selected": list(arrays["selected_layers"]), "all": blocks, "pixels": ["pixels"]}[which]
     return np.concatenate([arrays[f"{split}/{n}"] for n in names], axis=1)
 
@@ -161,8 +165,7 @@ def table(args: argparse.Namespace, per_seed: dict[int, dict[str, dict]]) -> str
         "recorded run's timestep and input, standardised logistic regression, C chosen on validation macro-F1. "
         "`pixels` is the image pooled to 8x8. The recorded rows are the full benchmark's runs of the same seeds.\n",
         markdown_table(["arm", *METRICS, "macro-F1 95% CI per seed", "macro-F1 minus baseline (p) per seed",
-                        "val macro-F1 per seed",
-                        "dims / C per seed"], rows)])
+                        "val macro-F1 per seed", "dims / C per seed"], rows)])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
