@@ -10,7 +10,11 @@ space; the probes are standardised multinomial logistic regressions (scikit-lear
 * ``pixels``: the image itself average-pooled to 8x8 (a reference with no diffusion model at all),
 
 each with and without balanced class weights. The inverse regularisation C is chosen on validation macro-F1
-(the benchmark's headline metric); test is read once. The table puts them next to the recorded D-Cube head and
+(the benchmark's headline metric); test is read once. Two more arms train the fully connected path of D-Cube's
+head (``pooled_features``: BatchNorm1d -> Linear -> ReLU -> Linear) on the selected blocks' means with the
+recorded run's optimiser, learning-rate schedule, batch size and epochs, and with ``--budget-factor`` times the
+epochs (last epoch kept, no selection): does the benchmark's budget let even this small head learn what the
+probe finds? The table puts them next to the recorded D-Cube head and
 baseline of the same seeds, with a paired bootstrap of each arm's macro-F1 against the baseline's test predictions.
 Features are cached per seed in ``--work``.
 
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -34,6 +39,7 @@ from diffmed.config import load_config
 from diffmed.diffusion.generative import load_generator
 from diffmed.engine.data import make_datamodule, prepare_data
 from diffmed.engine.inference import pick_device
+from diffmed.engine.optim import build_optimizer
 from diffmed.evaluation.compare import load_predictions, paired_bootstrap
 from diffmed.evaluation.metrics import bootstrap_ci, classification_metrics
 from diffmed.methods.dcube.features import FrozenDiffusion, seeded_noise
@@ -118,6 +124,34 @@ def probe(arrays: dict[str, np.ndarray], which: str, balanced: bool, seed: int, 
             "f1_vs_baseline": paired_bootstrap(task, y["test"], probs, baseline, "f1_macro", seed=seed)}
 
 
+def fc_head(arrays: dict[str, np.ndarray], run: Path, epochs_factor: int, seed: int, task: str,
+            baseline: np.ndarray) -> dict:
+    """The head's fully connected path on the selected blocks' means, trained as the recorded run trained."""
+    cfg = load_config(run / "config.yaml")
+    hidden = json.loads((run / "model" / "model.json").read_text())["params"]["head_hidden"]
+    x = {s: torch.as_tensor(design(arrays, s, "selected"), dtype=torch.float32) for s in SPLITS}
+    y = {s: torch.as_tensor(arrays[f"{s}/y"].astype(int)) for s in SPLITS}
+    classes, epochs, batch = baseline.shape[1], cfg.train.max_epochs * epochs_factor, cfg.train.batch_size
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.BatchNorm1d(x["train"].shape[1]), torch.nn.Linear(x["train"].shape[1], hidden),
+                              torch.nn.ReLU(), torch.nn.Linear(hidden, classes))
+    opt = build_optimizer(net.parameters(), cfg.optim, epochs)
+    for _ in range(epochs):
+        net.train()
+        for idx in torch.randperm(len(x["train"])).split(batch):
+            opt["optimizer"].zero_grad()
+            F.cross_entropy(net(x["train"][idx]), y["train"][idx]).backward()
+            opt["optimizer"].step()
+        opt["lr_scheduler"]["scheduler"].step()
+    net.eval()
+    with torch.no_grad():
+        val, probs = (torch.softmax(net(x[s]), 1).numpy() for s in ("val", "test"))
+    val_m, test_m = (classification_metrics(task, y[s].numpy(), p) for s, p in (("val", val), ("test", probs)))
+    return {"epochs": epochs, "val": {m: val_m[m] for m in METRICS}, "test": {m: test_m[m] for m in METRICS},
+            "test_ci": bootstrap_ci(task, y["test"].numpy(), probs, METRICS),
+            "f1_vs_baseline": paired_bootstrap(task, y["test"].numpy(), probs, baseline, "f1_macro", seed=seed)}
+
+
 def recorded_arm(args: argparse.Namespace, method: str, seed: int, baseline: np.ndarray) -> dict:
     m = json.loads((record(args, method, seed) / "metrics.json").read_text())
     pred = load_predictions(record(args, method, seed))
@@ -136,13 +170,17 @@ def baseline_probs(args: argparse.Namespace, seed: int, y_test: np.ndarray) -> n
 
 def arms_of_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
     arrays = extract(args, seed)
-    task = json.loads((record(args, "dcube", seed) / "metrics.json").read_text())["task"]
+    run = record(args, "dcube", seed)
+    task = json.loads((run / "metrics.json").read_text())["task"]
     base = baseline_probs(args, seed, arrays["test/y"].astype(int))
     arms = {f"{m} (recorded)": recorded_arm(args, m, seed, base) for m in ("baseline", "dcube")}
     for which in FEATURE_SETS:
         for balanced in (False, True):
             arms[f"probe: {which}{', balanced' if balanced else ''}"] = probe(arrays, which, balanced, seed, task,
                                                                               base)
+    for factor in (1, args.budget_factor):
+        arm = fc_head(arrays, run, factor, seed, task, base)
+        arms[f"fc head: run's optimiser, {arm['epochs']} epochs"] = arm
     return arms
 
 
@@ -163,7 +201,10 @@ def table(args: argparse.Namespace, per_seed: dict[int, dict[str, dict]]) -> str
         f"# Linear probes on D-Cube's frozen hyper-features: {args.dataset}\n",
         f"Seeds {seeds}; test set of the full benchmark's split. Probes: spatial mean of each block's output at the "
         "recorded run's timestep and input, standardised logistic regression, C chosen on validation macro-F1. "
-        "`pixels` is the image pooled to 8x8. The recorded rows are the full benchmark's runs of the same seeds.\n",
+        "`pixels` is the image pooled to 8x8. `fc head` rows: the fully connected path of D-Cube's head "
+        "(pooled_features) on the selected blocks' means, trained with the recorded run's optimiser, schedule and "
+        "batch size for its epochs and for more (last epoch). The recorded rows are the full benchmark's runs of the "
+        "same seeds.\n",
         markdown_table(["arm", *METRICS, "macro-F1 95% CI per seed", "macro-F1 minus baseline (p) per seed",
                         "val macro-F1 per seed", "dims / C per seed"], rows)])
 
@@ -172,6 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="ham10000", help="a dataset of the full benchmark with recorded dcube runs")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--budget-factor", type=int, default=4, help="epochs of the longer fc-head arm, x the run's")
     add_location_args(ap, __file__, "full", "benchmark-full")
     return ap.parse_args(argv)
 
