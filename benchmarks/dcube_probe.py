@@ -139,6 +139,8 @@ def fc_head(arrays: dict[str, np.ndarray], run: Path, epochs_factor: int, seed: 
     for _ in range(epochs):
         net.train()
         for idx in torch.randperm(len(x["train"])).split(batch):
+            if len(idx) < 2:  # BatchNorm1d cannot train on one sample
+                continue
             opt["optimizer"].zero_grad()
             F.cross_entropy(net(x["train"][idx]), y["train"][idx]).backward()
             opt["optimizer"].step()
