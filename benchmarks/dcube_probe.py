@@ -35,7 +35,7 @@ from sklearn.preprocessing import StandardScaler
 
 from diffmed.bench import (add_location_args, dataset_overrides, fmt, markdown_table, mean_std, settings_of,
                            write_results)
-from diffmed.config import load_config
+from diffmed.config import RunConfig, load_config
 from diffmed.diffusion.generative import load_generator
 from diffmed.engine.data import make_datamodule, prepare_data
 from diffmed.engine.inference import pick_device
@@ -101,10 +101,18 @@ def design(arrays: dict[str, np.ndarray], split: str, which: str) -> np.ndarray:
     return np.concatenate([arrays[f"{split}/{n}"] for n in names], axis=1)
 
 
+def scored(task: str, val: dict, y_test: np.ndarray, probs: np.ndarray, baseline: np.ndarray, seed: int) -> dict:
+    """An arm's validation metrics, test metrics with 95% bootstrap CIs, and its test macro-F1 minus the baseline's
+    (``baseline``: its test probabilities), paired bootstrap."""
+    test = classification_metrics(task, y_test, probs)
+    return {"val": {m: val[m] for m in METRICS}, "test": {m: test[m] for m in METRICS},
+            "test_ci": bootstrap_ci(task, y_test, probs, METRICS),
+            "f1_vs_baseline": paired_bootstrap(task, y_test, probs, baseline, "f1_macro", seed=seed)}
+
+
 def probe(arrays: dict[str, np.ndarray], which: str, balanced: bool, seed: int, task: str,
           baseline: np.ndarray) -> dict:
-    """C chosen on validation macro-F1; test metrics (with 95% bootstrap CIs) of that C, and its macro-F1 minus
-    the baseline's (``baseline``: its test probabilities), paired bootstrap."""
+    """C chosen on validation macro-F1; the scores of that C."""
     x = {s: design(arrays, s, which) for s in SPLITS}
     y = {s: arrays[f"{s}/y"].astype(int) for s in SPLITS}
     best = None
@@ -116,22 +124,17 @@ def probe(arrays: dict[str, np.ndarray], which: str, balanced: bool, seed: int, 
         if best is None or val["f1_macro"] > best[0]["f1_macro"]:
             best = (val, c, model)
     val, c, model = best
-    probs = model.predict_proba(x["test"])
-    test = classification_metrics(task, y["test"], probs)
-    ci = bootstrap_ci(task, y["test"], probs, METRICS)
-    return {"C": c, "dims": int(x["train"].shape[1]), "val": {m: val[m] for m in METRICS},
-            "test": {m: test[m] for m in METRICS}, "test_ci": ci,
-            "f1_vs_baseline": paired_bootstrap(task, y["test"], probs, baseline, "f1_macro", seed=seed)}
+    return {"C": c, "dims": int(x["train"].shape[1]),
+            **scored(task, val, y["test"], model.predict_proba(x["test"]), baseline, seed)}
 
 
-def fc_head(arrays: dict[str, np.ndarray], run: Path, epochs_factor: int, seed: int, task: str,
+def fc_head(arrays: dict[str, np.ndarray], cfg: RunConfig, hidden: int, epochs: int, seed: int, task: str,
             baseline: np.ndarray) -> dict:
-    """The head's fully connected path on the selected blocks' means, trained as the recorded run trained."""
-    cfg = load_config(run / "config.yaml")
-    hidden = json.loads((run / "model" / "model.json").read_text())["params"]["head_hidden"]
+    """The head's fully connected path on the selected blocks' means, trained as the recorded run (``cfg``) trained,
+    for ``epochs``."""
     x = {s: torch.as_tensor(design(arrays, s, "selected"), dtype=torch.float32) for s in SPLITS}
     y = {s: torch.as_tensor(arrays[f"{s}/y"].astype(int)) for s in SPLITS}
-    classes, epochs, batch = baseline.shape[1], cfg.train.max_epochs * epochs_factor, cfg.train.batch_size
+    classes, batch = baseline.shape[1], cfg.train.batch_size
     torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.BatchNorm1d(x["train"].shape[1]), torch.nn.Linear(x["train"].shape[1], hidden),
                               torch.nn.ReLU(), torch.nn.Linear(hidden, classes))
@@ -148,10 +151,8 @@ def fc_head(arrays: dict[str, np.ndarray], run: Path, epochs_factor: int, seed: 
     net.eval()
     with torch.no_grad():
         val, probs = (torch.softmax(net(x[s]), 1).numpy() for s in ("val", "test"))
-    val_m, test_m = (classification_metrics(task, y[s].numpy(), p) for s, p in (("val", val), ("test", probs)))
-    return {"epochs": epochs, "val": {m: val_m[m] for m in METRICS}, "test": {m: test_m[m] for m in METRICS},
-            "test_ci": bootstrap_ci(task, y["test"].numpy(), probs, METRICS),
-            "f1_vs_baseline": paired_bootstrap(task, y["test"].numpy(), probs, baseline, "f1_macro", seed=seed)}
+    return {"epochs": epochs, **scored(task, classification_metrics(task, y["val"].numpy(), val),
+                                       y["test"].numpy(), probs, baseline, seed)}
 
 
 def recorded_arm(args: argparse.Namespace, method: str, seed: int, baseline: np.ndarray) -> dict:
@@ -180,9 +181,10 @@ def arms_of_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
         for balanced in (False, True):
             arms[f"probe: {which}{', balanced' if balanced else ''}"] = probe(arrays, which, balanced, seed, task,
                                                                               base)
-    for factor in (1, args.budget_factor):
-        arm = fc_head(arrays, run, factor, seed, task, base)
-        arms[f"fc head: run's optimiser, {arm['epochs']} epochs"] = arm
+    cfg = load_config(run / "config.yaml")
+    hidden = json.loads((run / "model" / "model.json").read_text())["params"]["head_hidden"]
+    for epochs in (cfg.train.max_epochs, cfg.train.max_epochs * args.budget_factor):
+        arms[f"fc head: run's optimiser, {epochs} epochs"] = fc_head(arrays, cfg, hidden, epochs, seed, task, base)
     return arms
 
 
