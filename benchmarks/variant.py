@@ -5,8 +5,8 @@ gives the run's config; the ``--set`` overrides change it, and the variant is tr
 back from its own record) in the work folder. It is compared on the same test images with the recorded method, with
 the recorded baseline and with any recorded method named by ``--also``: mean +- std over seeds, each seed's 95%
 bootstrap CI, paired bootstrap per seed, cost. The variant's records go to ``<out>/<dataset>/variants/<tag>/runs/``
-and its table to ``<out>/<dataset>/variants/<tag>.{json,md}``. One process per seed runs them in parallel;
-``--finished-only`` then writes the table from every finished seed.
+and its table, of every seed finished so far (so one-seed calls run in parallel and the last one's table has them
+all), to ``<out>/<dataset>/variants/<tag>.{json,md}``; ``--finished-only`` trains nothing and writes it.
 
     python benchmarks/variant.py --dataset retinamnist --method diffmic_v2 --tag dcg-features \\
         --set method.params.feature_encoders=dcg --seeds 0 1 2
@@ -47,6 +47,12 @@ def run_variant(args: argparse.Namespace, seed: int) -> None:
     keep_record(run_dir, record, RUN_RECORD, DONE)
 
 
+def finished_seeds(args: argparse.Namespace) -> list[int]:
+    """Seeds of every finished run of the variant, this call's and earlier ones'."""
+    runs = args.work / args.dataset / "variants" / args.tag / "runs"
+    return sorted(int(d.name.rpartition("-s")[2]) for d in runs.glob(f"{args.method}-s*") if (d / DONE).is_file())
+
+
 def table(args: argparse.Namespace, seeds: list[int]) -> tuple[dict, str]:
     def read(dirs):
         return [json.loads((d / DONE).read_text()) for d in dirs]
@@ -84,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--also", nargs="+", default=[],
                     help="more recorded methods to compare with (e.g. class_weighted); baseline and --method always")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--finished-only", action="store_true", help="train nothing; table from the finished seeds")
+    ap.add_argument("--finished-only", action="store_true", help="train nothing; write the table")
     ap.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples")
     add_location_args(ap, __file__, "full", "benchmark-full")
     return ap.parse_args(argv)
@@ -100,9 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.finished_only:
         for seed in args.seeds:
             run_variant(args, seed)
-    seeds = [s for s in args.seeds if (variant_dir(args, s)[0] / DONE).is_file()]
+    seeds = finished_seeds(args)
     if not seeds:
-        raise SystemExit(f"no finished {args.tag} run of {args.method} on {args.dataset} for seeds {args.seeds}")
+        raise SystemExit(f"no finished {args.tag} run of {args.method} on {args.dataset}: run it without "
+                         "--finished-only")
     results, md = table(args, seeds)
     results["settings"] = settings_of(args)
     write_results(args.out / args.dataset / "variants", args.tag, results, md)

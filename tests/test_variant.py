@@ -71,6 +71,16 @@ def test_missing_records_and_unfinished_seeds_say_what_to_run(argv, tmp_path):
         variant.main([*argv, "--finished-only"])
 
 
+def test_one_seed_calls_in_parallel_leave_the_table_of_every_finished_seed(argv, tmp_path, monkeypatch):
+    shutil.copytree(RECORDS / "baseline-s1", tmp_path / "out" / "pneumoniamnist" / "runs" / "baseline-s1")
+    shutil.copytree(RECORDS / "diffmic_v2-s1", tmp_path / "out" / "pneumoniamnist" / "runs" / "diffmic_v2-s1")
+    monkeypatch.setattr(variant, "run_or_resume", copy_of_recorded_method)
+    variant.main([*argv[:-6], "--seeds", "1", *argv[-6:]])
+    variant.main(argv)  # seed 0, after seed 1 finished in another call
+    results = json.loads((tmp_path / "out" / "pneumoniamnist" / "variants" / "dcg.json").read_text())
+    assert results["seeds"] == [0, 1] and len(results["paired"]["baseline"]) == 2
+
+
 def test_the_recorded_generator_stage_is_put_back_where_recorded_configs_point(argv, tmp_path, monkeypatch):
     """A D-Cube config's generator_run names the work folder's stage; a fresh machine has only the record."""
     stage = Path("pneumoniamnist") / "stages" / "generator-s0"
