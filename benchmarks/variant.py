@@ -27,8 +27,12 @@ METRICS = (*PAIRED, "ece")
 DONE = "metrics.json"
 
 
-def recorded(args: argparse.Namespace, method: str, seed: int) -> Path:
-    return args.out / args.dataset / "runs" / f"{method}-s{seed}"
+def recorded(args: argparse.Namespace, name: str, seed: int) -> Path:
+    """The record of a full-benchmark method, or of another variant (by its tag) of ``--method``."""
+    other_variant = args.out / args.dataset / "variants" / name / "runs"
+    if name != args.tag and other_variant.is_dir():
+        return other_variant / f"{args.method}-s{seed}"
+    return args.out / args.dataset / "runs" / f"{name}-s{seed}"
 
 
 def variant_dir(args: argparse.Namespace, seed: int) -> tuple[Path, Path]:
@@ -71,8 +75,9 @@ def table(args: argparse.Namespace, seeds: list[int]) -> tuple[dict, str]:
             for arm, s in summary.items()]
     versus = {ref: paired(dirs[label], dirs[ref], PAIRED, args.n_boot) for ref in reversed(references)}
     md = [f"# {label} on {args.dataset}: {' '.join(args.set)}\n",
-          f"Seeds {seeds}; the {', '.join(references)} rows are the full benchmark's recorded runs of the same "
-          f"seeds, the variant is {args.method}'s config with the overrides above.\n",
+          f"Seeds {seeds}; the {', '.join(references)} rows are recorded runs of the same seeds (of the full "
+          f"benchmark, or of the variant with that tag), the variant is {args.method}'s config with the overrides "
+          "above.\n",
           markdown_table(["arm", *METRICS, "macro-F1 95% CI per seed", "val AUC per seed (selection)",
                           "s / image (x baseline)", "forward passes / image (x baseline)",
                           "train s (with stages)"], rows),
@@ -88,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tag", required=True, help="short name of the variant (folder and table names)")
     ap.add_argument("--set", nargs="+", required=True, help="key=value config overrides that make the variant")
     ap.add_argument("--also", nargs="+", default=[],
-                    help="more recorded methods to compare with (e.g. class_weighted); baseline and --method always")
+                    help="more recorded methods, or variants of --method by tag, to compare with (e.g. "
+                         "class_weighted, fs-ce-only); baseline and --method always")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--finished-only", action="store_true", help="train nothing; write the table")
     ap.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples")

@@ -100,3 +100,13 @@ def test_more_recorded_methods_are_rows_and_paired_references(argv, tmp_path, mo
     weighted = json.loads((RECORDS / "class_weighted-s0" / "metrics.json").read_text())["test"]["auc"]
     assert results["paired"]["class_weighted"][0]["metrics"]["auc"]["diff"] == pytest.approx(
         results["summaries"]["diffmic_v2"]["auc"]["mean"] - weighted)
+
+
+def test_another_variant_of_the_method_is_a_reference_by_its_tag(argv, tmp_path, monkeypatch):
+    monkeypatch.setattr(variant, "run_or_resume", copy_of_recorded_method)
+    variant.main(argv)
+    tag = argv.index("--tag") + 1
+    variant.main([*argv[:tag], "other", *argv[tag + 1:], "--also", "dcg"])
+    results = json.loads((tmp_path / "out" / "pneumoniamnist" / "variants" / "other.json").read_text())
+    assert list(results["summaries"]) == ["baseline", "dcg", "diffmic_v2", "diffmic_v2 (other)"]
+    assert results["paired"]["dcg"][0]["metrics"]["f1_macro"]["diff"] == 0  # both copy the same predictions
