@@ -64,6 +64,10 @@ def table(args: argparse.Namespace, seeds: list[int]) -> tuple[dict, str]:
     label = f"{args.method} ({args.tag})"
     references = list(dict.fromkeys(["baseline", *args.also, args.method]))
     dirs = {ref: [recorded(args, ref, s) for s in seeds] for ref in references}
+    missing = [d for ref in references for d in dirs[ref] if not (d / DONE).is_file()]
+    if missing:
+        raise SystemExit(f"no finished record {missing[0]} for the table of seeds {seeds}: run that method or "
+                         "variant for those seeds first, or drop it from --also")
     dirs[label] = [variant_dir(args, s)[0] for s in seeds]
     runs = {arm: read(d) for arm, d in dirs.items()}
     summary = {arm: summarize(r, METRICS) for arm, r in runs.items()}

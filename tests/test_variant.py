@@ -24,10 +24,15 @@ def copy_of_recorded_method(cfg, run_dir):
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+def copy_records(tmp_path, *runs):
+    """The full benchmark's records of ``runs`` where variant.py looks for them."""
+    for run in runs:
+        shutil.copytree(RECORDS / run, tmp_path / "out" / "pneumoniamnist" / "runs" / run)
+
+
 @pytest.fixture()
 def argv(tmp_path):
-    for run in ("baseline-s0", "diffmic_v2-s0"):
-        shutil.copytree(RECORDS / run, tmp_path / "out" / "pneumoniamnist" / "runs" / run)
+    copy_records(tmp_path, "baseline-s0", "diffmic_v2-s0")
     return ["--dataset", "pneumoniamnist", "--method", "diffmic_v2", "--tag", "dcg", "--set",
             "method.params.feature_encoders=dcg", "--seeds", "0", "--n-boot", "50", "--data-dir", str(tmp_path),
             "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
@@ -72,8 +77,7 @@ def test_missing_records_and_unfinished_seeds_say_what_to_run(argv, tmp_path):
 
 
 def test_one_seed_calls_in_parallel_leave_the_table_of_every_finished_seed(argv, tmp_path, monkeypatch):
-    shutil.copytree(RECORDS / "baseline-s1", tmp_path / "out" / "pneumoniamnist" / "runs" / "baseline-s1")
-    shutil.copytree(RECORDS / "diffmic_v2-s1", tmp_path / "out" / "pneumoniamnist" / "runs" / "diffmic_v2-s1")
+    copy_records(tmp_path, "baseline-s1", "diffmic_v2-s1")
     monkeypatch.setattr(variant, "run_or_resume", copy_of_recorded_method)
     variant.main([*argv[:-6], "--seeds", "1", *argv[-6:]])
     variant.main(argv)  # seed 0, after seed 1 finished in another call
@@ -92,7 +96,7 @@ def test_the_recorded_generator_stage_is_put_back_where_recorded_configs_point(a
 
 
 def test_more_recorded_methods_are_rows_and_paired_references(argv, tmp_path, monkeypatch):
-    shutil.copytree(RECORDS / "class_weighted-s0", tmp_path / "out" / "pneumoniamnist" / "runs" / "class_weighted-s0")
+    copy_records(tmp_path, "class_weighted-s0")
     monkeypatch.setattr(variant, "run_or_resume", copy_of_recorded_method)
     variant.main([*argv, "--also", "class_weighted"])
     results = json.loads((tmp_path / "out" / "pneumoniamnist" / "variants" / "dcg.json").read_text())
@@ -110,3 +114,6 @@ def test_another_variant_of_the_method_is_a_reference_by_its_tag(argv, tmp_path,
     results = json.loads((tmp_path / "out" / "pneumoniamnist" / "variants" / "other.json").read_text())
     assert list(results["summaries"]) == ["baseline", "dcg", "diffmic_v2", "diffmic_v2 (other)"]
     assert results["paired"]["dcg"][0]["metrics"]["f1_macro"]["diff"] == 0  # both copy the same predictions
+    copy_records(tmp_path, "baseline-s1", "diffmic_v2-s1")  # seed 1 of everything but the dcg variant
+    with pytest.raises(SystemExit, match="no finished record .*dcg.*-s1 for the table of seeds"):
+        variant.main([*argv[:tag], "other", *argv[tag + 1:-6], "--seeds", "1", *argv[-6:], "--also", "dcg"])
