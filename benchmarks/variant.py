@@ -27,9 +27,14 @@ METRICS = (*PAIRED, "ece")
 DONE = "metrics.json"
 
 
+def variant_runs(args: argparse.Namespace, tag: str) -> Path:
+    """The runs folder of variant ``tag`` of ``--method``, under ``--out`` or ``--work``."""
+    return Path(args.dataset) / "variants" / tag / "runs"
+
+
 def recorded(args: argparse.Namespace, name: str, seed: int) -> Path:
     """The record of a full-benchmark method, or of another variant (by its tag) of ``--method``."""
-    other_variant = args.out / args.dataset / "variants" / name / "runs"
+    other_variant = args.out / variant_runs(args, name)
     if name != args.tag and other_variant.is_dir():
         return other_variant / f"{args.method}-s{seed}"
     return args.out / args.dataset / "runs" / f"{name}-s{seed}"
@@ -37,7 +42,7 @@ def recorded(args: argparse.Namespace, name: str, seed: int) -> Path:
 
 def variant_dir(args: argparse.Namespace, seed: int) -> tuple[Path, Path]:
     """(work folder, record) of the variant's run for ``seed``."""
-    name = Path(args.dataset) / "variants" / args.tag / "runs" / f"{args.method}-s{seed}"
+    name = variant_runs(args, args.tag) / f"{args.method}-s{seed}"
     return args.work / name, args.out / name
 
 
@@ -53,7 +58,7 @@ def run_variant(args: argparse.Namespace, seed: int) -> None:
 
 def finished_seeds(args: argparse.Namespace) -> list[int]:
     """Seeds of every finished run of the variant, this call's and earlier ones'."""
-    runs = args.work / args.dataset / "variants" / args.tag / "runs"
+    runs = args.work / variant_runs(args, args.tag)
     return sorted(int(d.name.rpartition("-s")[2]) for d in runs.glob(f"{args.method}-s*") if (d / DONE).is_file())
 
 
@@ -108,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    variants = Path(args.dataset) / "variants" / args.tag / "runs"
+    variants = variant_runs(args, args.tag)
     restore_records(args.out / variants, args.work / variants, "*-s*", DONE)
     # a recorded config's generator_run (D-Cube, rebalancing) points at the full benchmark's generator stage
     stages = Path(args.dataset) / "stages"
