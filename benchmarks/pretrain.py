@@ -12,7 +12,8 @@ the validation temperature, and everything is tested once on the official test s
   by Diffusion Classifier Zero (Eq. 3-4), and each read by a linear probe (r, or denoiser tokens).
 
 Also written: classifier cost with adaptive pruning vs full evaluation (forward passes, seconds per
-image, accuracy, agreement) for every row that tunes its own denoiser, the pre-training loss curves
+image, accuracy, agreement) for every row that tunes its own denoiser, the epsilon rows' accuracy against their
+evaluation budget (1-8 noise draws per timestep, ``noise_trials.md``), the pre-training loss curves
 (unconditional vs representation-conditioned, the paper's Fig. 8) as a PNG, and generation metrics of the
 pre-trained models and of the class-conditioned models tuned from them (Table 3 analogue, via
 ``diffmed.evaluation.generation``). Finished runs are read back, killed ones resumed. Each finished run's record
@@ -44,7 +45,7 @@ from diffmed.config import load_config, save_config
 from diffmed.diffusion.pretrain import load_pretrained, make_scheduler, pretrain, sample
 from diffmed.engine.checkpoint import atomic_write_json
 from diffmed.engine.data import make_datamodule, prepare_data
-from diffmed.engine.inference import collect_outputs
+from diffmed.engine.inference import Outputs, collect_outputs
 from diffmed.engine.run import CONFIG_FILE, load_trained
 from diffmed.evaluation.metrics import bootstrap_ci
 from diffmed.methods import simclr  # noqa: F401  (registers "simclr" until methods/__init__ imports it)
@@ -93,13 +94,18 @@ ROWS = {  # name: (label, pre-training it needs or None, method overrides)
     "dit_uncond_probe": ("Unconditional DiT + linear probe (tokens)", "unconditional", ["method.name=dit_probe"]),
     "dit_rep_probe": ("Representation DiT + linear probe (r)", "representation", ["method.name=dit_probe"]),
 }
-RECORD = (*RUN_RECORD, "rescored.json", "pruning_cost.json")
+RECORD = (*RUN_RECORD, "rescored.json", "pruning_cost.json", "noise_trials.json")
 """What of a finished run the report reads (no weights)."""
 LOSS_LOG = "stages/pretrain/logs/metrics.csv"
 PRETRAINED = "stages/pretrain/model/pretrain.json"
 """Written when pre-training finishes: its loss log is complete."""
 PRUNE_AFTER = (3, 2, 1)
 """First-round lengths of the cost table, besides the model's default (half the evaluations)."""
+NOISE_TRIALS = (1, 2, 4, 8)
+"""Noise draws per timestep of the evaluation-budget table. One draw on the paper's 9 timesteps is 9 evaluations
+per class; the original Diffusion Classifier uses hundreds, and its error estimate is noisier with fewer."""
+BUDGET_ROWS = ("dit_uncond_eps_sel", "dit_rep_eps_sel")
+"""The best diffusion readouts (epsilon, chosen under it): the rows whose evaluation budget is swept."""
 
 
 def tunes_denoiser(name: str) -> bool:
@@ -197,6 +203,8 @@ def tune_row(name: str, data: Path, seed: int, s: dict, work: Path) -> None:
     # what else reads these weights, now, so that the record needs none
     for row in (r for r, (b, _, _) in RESCORED.items() if b == name and r in s["rows"]):
         run(row, data, seed, s, work)
+    if name in BUDGET_ROWS:
+        noise_trials_table(run_dir)
     if name in TIMED_ROWS and seed == s["cost_seed"]:
         classifier_cost(run_dir, s["cost_images"])
         if s.get("generation") and name in GENERATORS.values():
@@ -230,17 +238,12 @@ def rescore(run_dir: Path, out_dir: Path, score: str, error_norm: str, class_bia
     """Evaluate a tuned diffusion classifier with another error or comparison (same weights, noise and
     timesteps): the readout (gain, class bias) and temperature are refitted on validation, then the test split is
     scored once."""
-    from diffmed.engine.evaluate import calibrate_on, write_test_results
+    from diffmed.engine.evaluate import write_test_results
 
     method, meta, cfg, data = trained_run(run_dir)
-    dm = make_datamodule(cfg, data)
     method.scorer.score, method.scorer.per_timestep = score, error_norm == "per_timestep"
-    val_out = collect_outputs(method, dm.eval_loader("val"))
     method.params.class_bias = class_bias
-    val_out.logits = method.fit_readout(torch.from_numpy(val_out.logits), torch.from_numpy(val_out.targets)).numpy()
-    val = calibrate_on(val_out, data.spec)
-    method.scorer.passes, method._images_scored = 0, 0
-    test_out = collect_outputs(method, dm.eval_loader("test"))
+    val, test_out = fitted_on_val(method, make_datamodule(cfg, data), data.spec)
     cost = {**json.loads((run_dir / "metrics.json").read_text())["cost"],
             "infer_seconds_per_image": test_out.seconds_per_image,
             "forward_passes_per_image": method.forward_passes_per_image()}
@@ -253,6 +256,71 @@ def rescore(run_dir: Path, out_dir: Path, score: str, error_norm: str, class_bia
                                                           "temperature": val["temperature"]})
     atomic_write_json(out_dir / "rescored.json", {"from": str(run_dir), "score": score})
     write_test_results(out_dir, cfg, data.spec, data.sets["test"], test_out, val, cost)
+
+
+def fitted_on_val(method, dm, spec) -> tuple[dict, Outputs]:
+    """Refit a diffusion classifier's readout (gain, class offsets) and temperature on validation under its current
+    plan and score; then score the test split once. Returns the validation calibration and the test outputs."""
+    from diffmed.engine.evaluate import calibrate_on
+
+    val_out = collect_outputs(method, dm.eval_loader("val"))
+    val_out.logits = method.fit_readout(torch.from_numpy(val_out.logits), torch.from_numpy(val_out.targets)).numpy()
+    val = calibrate_on(val_out, spec)
+    method.scorer.passes, method._images_scored = 0, 0
+    return val, collect_outputs(method, dm.eval_loader("test"))
+
+
+@torch.no_grad()
+def noise_trials_table(run_dir: Path) -> list[dict] | None:
+    """Validation and test metrics of a tuned diffusion classifier as its evaluation grows: every timestep of its set
+    with each of ``NOISE_TRIALS`` noise draws, no pruning, readout and temperature refitted on validation each time.
+    Computed once per run while its weights are there (``noise_trials.json``, part of the record)."""
+    from diffmed.engine.evaluate import calibrated_probs
+    from diffmed.evaluation.metrics import classification_metrics
+
+    cache = run_dir / "noise_trials.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())["rows"]
+    if not (run_dir / "model" / "model.safetensors").is_file():
+        log.warning("%s: no weights, so no noise-draws table (it is measured when the row is tuned)", run_dir)
+        return None
+    method, _, cfg, data = trained_run(run_dir)
+    dm = make_datamodule(cfg, data)
+    p = method.params
+    ts = timestep_set(p.timesteps, p.num_train_timesteps, p.num_timesteps)
+    rows = []
+    for trials in NOISE_TRIALS:
+        method.scorer.plan = make_plan(ts, trials, method.spec.num_classes, prune=False)
+        val, out = fitted_on_val(method, dm, data.spec)
+        test = classification_metrics(data.spec.task, out.targets, calibrated_probs(out.logits, data.spec,
+                                                                                    val["temperature"]))
+        rows.append({"noise_trials": trials, "forward_passes_per_image": method.forward_passes_per_image(),
+                     "seconds_per_image": out.seconds_per_image, "val": {m: val["metrics"][m] for m in METRICS},
+                     "test": {m: test[m] for m in METRICS}})
+    atomic_write_json(cache, {"rows": rows})
+    return rows
+
+
+def noise_trials_md(records: Path) -> str:
+    """The evaluation-budget table of every seed with a record; the draw count chosen on validation AUC (fewest
+    passes on a tie) is marked, test metrics are reported for all."""
+    rows = []
+    for name in BUDGET_ROWS:
+        for path in sorted((records / "runs").glob(f"{name}-s*/noise_trials.json")):
+            table = json.loads(path.read_text())["rows"]
+            chosen = max(table, key=lambda r: (r["val"]["auc"], -r["forward_passes_per_image"]))
+            seed = path.parent.name.rsplit("-s", 1)[1]
+            rows += [[ROWS[name][0], seed, r["noise_trials"], f"{r['forward_passes_per_image']:.0f}",
+                      f"{r['seconds_per_image'] * 1000:.1f}", f"{r['val']['auc']:.3f}",
+                      *(f"{r['test'][m]:.3f}" for m in ("acc", "f1_macro", "auc")), "yes" if r is chosen else ""]
+                     for r in table]
+    if not rows:
+        return ""
+    return ("# Diffusion classifier (epsilon): noise draws per timestep\n\nEvery timestep of the paper's set with "
+            "1-8 noise draws each, no pruning; readout and temperature refitted on validation for each; test scored "
+            "once per draw count. \"chosen\": the best validation AUC (fewest passes on a tie).\n\n"
+            + markdown_table(["model", "seed", "draws", "passes/img", "ms/img", "val AUC", "test ACC", "test F1 macro",
+                              "test AUC", "chosen"], rows))
 
 
 def with_cis(result: dict, run_dir: Path, n_boot: int) -> dict:
@@ -464,6 +532,9 @@ def main() -> None:
                              [[ROWS[n][0], r["pruning"], f"{r['forward_passes_per_image']:.1f}",
                                f"{r['passes_vs_full']:.0%}", f"{r['seconds_per_image'] * 1000:.2f}", f"{r['acc']:.3f}",
                                f"{r['agreement_with_full']:.3f}"] for n, rs in cost.items() for r in rs])
+    for name, seed in ((n, sd) for n in BUDGET_ROWS if n in args.rows for sd in args.seeds):
+        if (name, seed) in run_dirs:
+            noise_trials_table(run_dirs[(name, seed)])
     minima = loss_curves(out / "records", args.seeds, out / "pretrain_loss.png")
     md += "\n## Pre-training loss (Fig. 8 analogue)\n\n![loss](pretrain_loss.png)\n\nMinimum loss: " + \
           ", ".join(f"{k} {v:.2e}" for k, v in minima.items()) + "\n"
@@ -476,6 +547,8 @@ def main() -> None:
                              [[k, g["feature_space"], f"{g['fid']:.2f}", f"{g['kid']:.4f}", f"{g['precision']:.3f}",
                                f"{g['recall']:.3f}"] for k, g in generation.items()])
     keep_records(work, out / "records", args.seeds)
+    if trials_md := noise_trials_md(out / "records"):
+        (out / "noise_trials.md").write_text(trials_md + "\n")
     settings = {**s, "budget": args.budget, "seeds": args.seeds, "data": str(data), "train_fraction": 0.1}
     md += f"\nSettings: `{json.dumps(settings)}`\n"
     write_results(out, "results", {"settings": settings, "table4": results, "per_run": per_run,

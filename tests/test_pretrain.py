@@ -140,6 +140,12 @@ def test_every_candidate_class_sees_identical_noise_and_timesteps() -> None:
     spy.rows.clear()
     scorer.relative_errors(z0[1:], 3)
     assert torch.equal(torch.cat([r[0] for r in spy.rows]).view(1, 3, 6, 1, 6, 6), z_t[1:])
+    # a plan swapped in after use (more draws per timestep) gets a noise bank of its own size
+    spy.rows.clear()
+    scorer.plan = make_plan([100, 500, 900], trials=4, num_classes=3, prune=False)
+    scorer.relative_errors(z0[:1], 3)
+    z_t4 = torch.cat([r[0] for r in spy.rows]).view(1, 3, 12, 1, 6, 6)
+    assert len({tuple(z.flatten().tolist()) for z in z_t4[0, 0]}) == 12
 
 
 def test_pruning_keeps_the_argmin_and_counts_passes() -> None:

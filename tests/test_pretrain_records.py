@@ -72,6 +72,7 @@ def test_tuned_rows_derive_their_rescored_rows_and_cost_while_their_weights_are_
 
     monkeypatch.setattr(pt, "rescore", fake_rescore)
     monkeypatch.setattr(pt, "classifier_cost", fake_cost)
+    monkeypatch.setattr(pt, "noise_trials_table", lambda run_dir: derived.append(f"noise draws of {run_dir.name}"))
     pt.run("dit_rep_zero", Path("data.npz"), 0, budget, work)
     assert derived == ["dit_rep_zero_b-s0", "dit_rep_zero_pt-s0", "dit_rep_eps-s0", "cost of dit_rep_zero-s0"]
     pt.keep_records(work, records, [0])
@@ -79,6 +80,12 @@ def test_tuned_rows_derive_their_rescored_rows_and_cost_while_their_weights_are_
                   for f in (records / "runs" / "dit_rep_zero-s0").rglob("*") if f.is_file())
     assert kept == [FINISHED, "config.yaml", "metrics.json", "model/model.json", "predictions.csv", "pruning_cost.json"]
     assert (records / "runs" / "dit_rep_eps-s0" / "rescored.json").is_file()
+    # a table derived after the record was kept joins it; what the record holds is never overwritten
+    (work / "runs" / "dit_rep_zero-s0" / "noise_trials.json").write_text("{}")
+    (work / "runs" / "dit_rep_zero-s0" / "metrics.json").write_text("changed")
+    pt.keep_records(work, records, [0])
+    assert (records / "runs" / "dit_rep_zero-s0" / "noise_trials.json").read_text() == "{}"
+    assert (records / "runs" / "dit_rep_zero-s0" / "metrics.json").read_text() != "changed"
 
     derived.clear()
     budget["cost_seed"] = 1  # another seed's Zero row is not timed, and rows not asked for are not re-scored
@@ -91,7 +98,26 @@ def test_tuned_rows_derive_their_rescored_rows_and_cost_while_their_weights_are_
     monkeypatch.setattr(pt, "generation_metrics",  # class-conditioned generation scored; it re-scores nothing
                         lambda work, data, seed, s: derived.append(f"generation of seed {seed}"))
     pt.run("dit_rep_eps_sel", Path("data.npz"), 2, budget, work)
-    assert derived == ["cost of dit_rep_eps_sel-s2", "generation of seed 2"]
+    assert derived == ["noise draws of dit_rep_eps_sel-s2", "cost of dit_rep_eps_sel-s2", "generation of seed 2"]
+
+
+def test_noise_draws_table_marks_the_count_chosen_on_validation_per_seed(tmp_path):
+    def row(trials, val_auc, test_acc):
+        metrics = {m: 0.5 for m in pt.METRICS}
+        return {"noise_trials": trials, "forward_passes_per_image": 18 * trials, "seconds_per_image": 0.01 * trials,
+                "val": {**metrics, "auc": val_auc}, "test": {**metrics, "acc": test_acc}}
+
+    assert pt.noise_trials_md(tmp_path) == ""
+    for seed, aucs in ((0, (0.90, 0.93, 0.93, 0.92)), (1, (0.95, 0.91, 0.90, 0.90))):
+        folder = tmp_path / "runs" / f"dit_rep_eps_sel-s{seed}"
+        folder.mkdir(parents=True)
+        rows = [row(t, a, 0.8 + i / 100) for i, (t, a) in enumerate(zip(pt.NOISE_TRIALS, aucs))]
+        (folder / "noise_trials.json").write_text(json.dumps({"rows": rows}))
+    lines = [line for line in pt.noise_trials_md(tmp_path).splitlines() if line.startswith("| Representation")]
+    assert len(lines) == 8
+    chosen = [line.split("|")[2:4] for line in lines if line.rstrip(" |").endswith("yes")]
+    assert chosen == [[" 0 ", " 2 "], [" 1 ", " 1 "]]  # the best validation AUC; fewer passes on a tie
+    assert " 0.810 " in lines[1]  # test metrics are shown for every count, chosen or not
 
 
 def test_a_rescored_row_whose_zero_row_lost_its_weights_says_what_to_delete(tmp_path, budget, monkeypatch):

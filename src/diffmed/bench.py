@@ -219,14 +219,19 @@ def record_complete(record: Path, done: str) -> bool:
 
 
 def keep_record(run_dir: Path, record: Path, patterns: Iterable[str], done: str) -> None:
-    """Copy the files of a finished ``run_dir`` (``done`` present) matching ``patterns`` to ``record``, once."""
-    if not (run_dir / done).is_file() or record_complete(record, done):
+    """Copy the files of a finished ``run_dir`` (``done`` present) matching ``patterns`` to ``record``. A complete
+    record is never overwritten; it only gains the files it lacks (a table derived from the run later)."""
+    if not (run_dir / done).is_file():
         return
+    complete = record_complete(record, done)
     for pattern in patterns:
         for f in run_dir.glob(pattern):
-            (record / f.relative_to(run_dir)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, record / f.relative_to(run_dir))
-    (record / FINISHED).write_text(f"{done}\n")
+            kept = record / f.relative_to(run_dir)
+            if not (complete and kept.is_file()):
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, kept)
+    if not complete:
+        (record / FINISHED).write_text(f"{done}\n")
 
 
 def restore_record(record: Path, run_dir: Path, done: str) -> bool:

@@ -167,7 +167,8 @@ class DiffusionScorer:
     _bank: dict = field(default_factory=dict)
 
     def noise(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        key = (tuple(shape), str(device))
+        """Noise tensor e of evaluation e; keyed by the plan's size too, as the plan can be swapped after use."""
+        key = (len(self.plan.t), tuple(shape), str(device))
         if key not in self._bank:
             self._bank[key] = seeded_noise(len(self.plan.t), shape, self.seed, device)
         return self._bank[key]
