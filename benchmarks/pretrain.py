@@ -32,7 +32,6 @@ import argparse
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -350,23 +349,17 @@ def classifier_cost(run_dir: Path, n_images: int) -> list[dict]:
     method, meta, cfg, data = trained_run(run_dir)
     data.sets["test"] = data.sets["test"].subset(np.arange(min(n_images, len(data.sets["test"]))))
     dm = make_datamodule(cfg, data)
-    loader = dm.eval_loader("test")
     p = method.params
     ts = timestep_set(p.timesteps, p.num_train_timesteps, p.num_timesteps)
     rows, preds = [], []
     # full evaluation first (the reference), then the model's pruning, then shorter first rounds
     for prune, prune_after in ((False, None), (True, p.prune_after), *((True, n) for n in PRUNE_AFTER)):
         method.scorer.plan = make_plan(ts, p.noise_trials, method.spec.num_classes, prune, prune_after, p.keep_top)
-        val = collect_outputs(method, dm.eval_loader("val"))
-        method.fit_readout(torch.from_numpy(val.logits), torch.from_numpy(val.targets))
-        method.scorer.passes, method._images_scored = 0, 0
-        start = time.perf_counter()
-        out = collect_outputs(method, loader)
-        seconds = time.perf_counter() - start
+        _, out = fitted_on_val(method, dm, data.spec)
         preds.append(out.logits.argmax(1))
         rows.append({"pruning": "none" if not prune else f"first round {len(method.scorer.plan.first)}",
                      "forward_passes_per_image": method.forward_passes_per_image(),
-                     "seconds_per_image": seconds / len(out.logits), "acc": float((preds[-1] == out.targets).mean()),
+                     "seconds_per_image": out.seconds_per_image, "acc": float((preds[-1] == out.targets).mean()),
                      "agreement_with_full": float((preds[-1] == preds[0]).mean()), "n_images": len(out.logits)})
     for r in rows:
         r["passes_vs_full"] = r["forward_passes_per_image"] / rows[0]["forward_passes_per_image"]
